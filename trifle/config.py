@@ -1,0 +1,151 @@
+"""Hydra composition, validation and per-stage config slices.
+
+Hydra owns every hyperparameter. Snakemake composes the same config at DAG-build time and passes
+each job only the slice its stage reads (``stage_slice``), so a changed hyperparameter reruns exactly
+the jobs that read it. Composition is memoised because a DAG composes once per job.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trifle.errors import ConfigError
+
+CONF_DIR = Path(__file__).parent / "conf"
+GROUPS = ("task", "gpt", "pc", "planner", "eval")
+
+# Which top-level keys (dotted) each stage reads. The paths are excluded on purpose: Snakemake tracks
+# files itself, and a path change must not look like a hyperparameter change.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("task.name", "task.env", "task.dataset"),
+    "labels": ("task.labels",),
+    "tokens": ("task.discretizer",),
+    "train_gpt": ("gpt", "seed", "device"),
+    "train_pc": ("pc", "task.pc_window", "seed", "device"),
+    "tables": (),
+}
+
+
+def available(group: str) -> list[str]:
+    """Names of the configs of a Hydra group (files starting with `_` are shared bases, not choices)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _check_choices(overrides: Sequence[str]) -> None:
+    """Turn an unknown group choice into a message that lists the valid names."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.lstrip("+~") in GROUPS and value not in available(key.lstrip("+~")):
+            raise ConfigError(
+                f"unknown {key} '{value}' (override '{item}'); expected one of: {', '.join(available(key))}"
+            )
+
+
+@functools.lru_cache(maxsize=512)
+def _compose_cached(overrides: tuple[str, ...]) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"cannot compose the config with overrides {list(overrides)}: {err}") from err
+
+
+def compose(overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Compose and validate the full config as a plain dict (a fresh copy each call)."""
+    overrides = tuple(overrides)
+    _check_choices(overrides)
+    cfg = _compose_cached(overrides)
+    validate(cfg)
+    import copy
+
+    return copy.deepcopy(cfg)
+
+
+def get(cfg: dict[str, Any], dotted: str) -> Any:
+    """Look up a dotted key; a missing key is a ConfigError naming it."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key '{dotted}' is missing")
+        node = node[part]
+    return node
+
+
+def stage_slice(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of ``cfg`` a stage reads, as a plain dict keyed by dotted names."""
+    if stage not in STAGE_KEYS:
+        raise ConfigError(f"unknown stage '{stage}'; expected one of: {', '.join(STAGE_KEYS)}")
+    return {key: get(cfg, key) for key in STAGE_KEYS[stage]}
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
+
+
+def _positive_int(cfg: dict[str, Any], key: str, minimum: int = 1) -> None:
+    value = get(cfg, key)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
+             f"an integer >= {minimum}", value)
+
+
+def _in_unit_interval(cfg: dict[str, Any], key: str) -> None:
+    value = get(cfg, key)
+    _require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, key, "a number in [0, 1]", value)
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check the values every stage relies on, so bad settings fail before any work starts."""
+    _positive_int(cfg, "seed", minimum=0)
+    _positive_int(cfg, "threads")
+    _require(get(cfg, "device") in ("auto", "cpu", "cuda"), "device", "one of auto, cpu, cuda", cfg["device"])
+    _validate_task(cfg)
+    _validate_gpt(cfg)
+    _validate_pc(cfg)
+
+
+def _validate_task(cfg: dict[str, Any]) -> None:
+    dataset = get(cfg, "task.dataset")
+    if "epsilon" in dataset:
+        _in_unit_interval(cfg, "task.dataset.epsilon")
+    if "num_episodes" in dataset:
+        _positive_int(cfg, "task.dataset.num_episodes")
+    _in_unit_interval(cfg, "task.labels.discount")
+    penalty = get(cfg, "task.labels.termination_penalty")
+    _require(penalty is None or isinstance(penalty, (int, float)), "task.labels.termination_penalty",
+             "null or a number", penalty)
+    _positive_int(cfg, "task.discretizer.n_bins", minimum=2)
+    for field in ("observations", "actions", "rewards", "values"):
+        kind = get(cfg, f"task.discretizer.{field}")
+        _require(kind in ("categorical", "quantile"), f"task.discretizer.{field}", "categorical or quantile", kind)
+    _positive_int(cfg, "task.pc_window")
+
+
+def _validate_gpt(cfg: dict[str, Any]) -> None:
+    for key in ("n_layer", "n_head", "n_embd", "seq_transitions", "batch_size", "steps", "eval_every",
+                "checkpoint_every"):
+        _positive_int(cfg, f"gpt.{key}")
+    _require(get(cfg, "gpt.n_embd") % get(cfg, "gpt.n_head") == 0, "gpt.n_embd",
+             f"a multiple of gpt.n_head={cfg['gpt']['n_head']}", cfg["gpt"]["n_embd"])
+    _in_unit_interval(cfg, "gpt.dropout")
+    _in_unit_interval(cfg, "gpt.valid_fraction")
+
+
+def _validate_pc(cfg: dict[str, Any]) -> None:
+    for key in ("num_latents", "epochs", "batch_size"):
+        _positive_int(cfg, f"pc.{key}")
+    pseudocount = get(cfg, "pc.pseudocount")
+    _require(isinstance(pseudocount, (int, float)) and pseudocount >= 0, "pc.pseudocount", "a number >= 0",
+             pseudocount)
+    _in_unit_interval(cfg, "pc.valid_fraction")
+    backend = get(cfg, "pc.backend")
+    _require(backend in ("auto", "torch", "pyjuice"), "pc.backend", "one of auto, torch, pyjuice", backend)
