@@ -94,8 +94,12 @@ def _require(ok: bool, key: str, expected: str, value: Any) -> None:
 
 def _positive_int(cfg: dict[str, Any], key: str, minimum: int = 1) -> None:
     value = get(cfg, key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
-             f"an integer >= {minimum}", value)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        key,
+        f"an integer >= {minimum}",
+        value,
+    )
 
 
 def _in_unit_interval(cfg: dict[str, Any], key: str) -> None:
@@ -121,21 +125,39 @@ def _validate_task(cfg: dict[str, Any]) -> None:
         _positive_int(cfg, "task.dataset.num_episodes")
     _in_unit_interval(cfg, "task.labels.discount")
     penalty = get(cfg, "task.labels.termination_penalty")
-    _require(penalty is None or isinstance(penalty, (int, float)), "task.labels.termination_penalty",
-             "null or a number", penalty)
+    _require(
+        penalty is None or isinstance(penalty, (int, float)),
+        "task.labels.termination_penalty",
+        "null or a number",
+        penalty,
+    )
     _positive_int(cfg, "task.discretizer.n_bins", minimum=2)
     for field in ("observations", "actions", "rewards", "values"):
         kind = get(cfg, f"task.discretizer.{field}")
-        _require(kind in ("categorical", "quantile"), f"task.discretizer.{field}", "categorical or quantile", kind)
+        _require(
+            kind in ("categorical", "quantile"), f"task.discretizer.{field}", "categorical or quantile", kind
+        )
     _positive_int(cfg, "task.pc_window")
 
 
 def _validate_gpt(cfg: dict[str, Any]) -> None:
-    for key in ("n_layer", "n_head", "n_embd", "seq_transitions", "batch_size", "steps", "eval_every",
-                "checkpoint_every"):
+    for key in (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "seq_transitions",
+        "batch_size",
+        "steps",
+        "eval_every",
+        "checkpoint_every",
+    ):
         _positive_int(cfg, f"gpt.{key}")
-    _require(get(cfg, "gpt.n_embd") % get(cfg, "gpt.n_head") == 0, "gpt.n_embd",
-             f"a multiple of gpt.n_head={cfg['gpt']['n_head']}", cfg["gpt"]["n_embd"])
+    _require(
+        get(cfg, "gpt.n_embd") % get(cfg, "gpt.n_head") == 0,
+        "gpt.n_embd",
+        f"a multiple of gpt.n_head={cfg['gpt']['n_head']}",
+        cfg["gpt"]["n_embd"],
+    )
     _in_unit_interval(cfg, "gpt.dropout")
     _in_unit_interval(cfg, "gpt.valid_fraction")
 
@@ -144,8 +166,12 @@ def _validate_pc(cfg: dict[str, Any]) -> None:
     for key in ("num_latents", "epochs", "batch_size"):
         _positive_int(cfg, f"pc.{key}")
     pseudocount = get(cfg, "pc.pseudocount")
-    _require(isinstance(pseudocount, (int, float)) and pseudocount >= 0, "pc.pseudocount", "a number >= 0",
-             pseudocount)
+    _require(
+        isinstance(pseudocount, (int, float)) and pseudocount >= 0,
+        "pc.pseudocount",
+        "a number >= 0",
+        pseudocount,
+    )
     _in_unit_interval(cfg, "pc.valid_fraction")
     backend = get(cfg, "pc.backend")
     _require(backend in ("auto", "torch", "pyjuice"), "pc.backend", "one of auto, torch, pyjuice", backend)

@@ -1,0 +1,140 @@
+"""Per-dimension discretizers: categorical (identity on a finite set) and quantile bins.
+
+Every column maps raw values to tokens 0..n-1 and tokens back to one representative value per bin.
+Quantile bins hold equal empirical mass (Trajectory Transformer's QuantileDiscretizer); a bin's
+representative is the mean of the training values that fall in it, so ``decode(encode(x))`` is exact
+for categorical columns and the in-bin mean for quantile columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trifle.errors import DataError
+
+KINDS = ("categorical", "quantile")
+
+
+@dataclass(frozen=True)
+class ColumnBins:
+    """How one column is discretized: its kind, bin edges (quantile only) and bin representatives."""
+
+    kind: str
+    edges: np.ndarray  # [n-1] interior edges; empty for categorical
+    values: np.ndarray  # [n] representative value of each bin (the category itself for categorical)
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.values)
+
+    def encode(self, x: np.ndarray, name: str) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if self.kind == "quantile":
+            return np.searchsorted(self.edges, x, side="right").astype(np.int64)
+        idx = np.clip(np.searchsorted(self.values, x), 0, self.num_bins - 1)
+        unknown = self.values[idx] != x
+        if unknown.any():
+            raise DataError(
+                f"column '{name}': value {x[unknown][0]!r} is not one of its categories {self.values}"
+            )
+        return idx.astype(np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "edges": self.edges.tolist(), "values": self.values.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ColumnBins:
+        return cls(d["kind"], np.asarray(d["edges"], np.float64), np.asarray(d["values"], np.float64))
+
+
+def fit_categorical(x: np.ndarray, categories: np.ndarray | None = None) -> ColumnBins:
+    """Identity on the sorted distinct values (plus any declared categories never seen in the data)."""
+    values = np.unique(np.asarray(x, np.float64))
+    if categories is not None:
+        values = np.union1d(values, np.asarray(categories, np.float64))
+    return ColumnBins("categorical", np.zeros(0), values)
+
+
+def fit_quantile(x: np.ndarray, n_bins: int) -> ColumnBins:
+    """Equal-mass bins; duplicate edges (ties in the data) are merged, so a column may get fewer bins."""
+    x = np.sort(np.asarray(x, np.float64))
+    # Edges are data points, a bin holds the values below its upper edge; an edge equal to the minimum
+    # would only create an empty first bin.
+    at = np.minimum(np.ceil(np.linspace(0.0, 1.0, n_bins + 1)[1:-1] * len(x)).astype(np.int64), len(x) - 1)
+    edges = np.unique(x[at])
+    edges = edges[edges > x[0]]
+    tokens = np.searchsorted(edges, x, side="right")
+    counts = np.bincount(tokens, minlength=len(edges) + 1)
+    sums = np.bincount(tokens, weights=x, minlength=len(edges) + 1)
+    bounds = np.concatenate([[x[0]], edges, [x[-1]]])
+    midpoints = (bounds[:-1] + bounds[1:]) / 2
+    values = np.where(counts > 0, sums / np.maximum(counts, 1), midpoints)
+    return ColumnBins("quantile", edges, values)
+
+
+class Discretizer:
+    """A fitted discretizer over the columns of a transition matrix (obs, action, reward, value)."""
+
+    def __init__(self, columns: list[ColumnBins], names: list[str]) -> None:
+        if len(columns) != len(names):
+            raise ValueError("one name per column")
+        self.columns = columns
+        self.names = names
+
+    @classmethod
+    def fit(
+        cls,
+        data: np.ndarray,
+        kinds: list[str],
+        names: list[str],
+        *,
+        n_bins: int,
+        categories: list[np.ndarray | None] | None = None,
+    ) -> Discretizer:
+        """Fit one column per kind; ``categories`` optionally declares the full range of discrete columns."""
+        if n_bins < 2:
+            raise DataError(f"n_bins={n_bins}: expected at least 2 bins")
+        categories = categories or [None] * data.shape[1]
+        columns = []
+        for j, kind in enumerate(kinds):
+            if kind == "categorical":
+                columns.append(fit_categorical(data[:, j], categories[j]))
+            elif kind == "quantile":
+                columns.append(fit_quantile(data[:, j], n_bins))
+            else:
+                raise DataError(f"column '{names[j]}': unknown discretizer kind '{kind}', expected {KINDS}")
+        return cls(columns, names)
+
+    @property
+    def num_bins(self) -> np.ndarray:
+        return np.array([c.num_bins for c in self.columns], np.int64)
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens per column in the shared vocabulary: the largest bin count."""
+        return int(self.num_bins.max())
+
+    def encode(self, data: np.ndarray) -> np.ndarray:
+        """[N, D] raw values -> [N, D] int64 tokens."""
+        data = np.atleast_2d(data)
+        return np.stack([c.encode(data[:, j], self.names[j]) for j, c in enumerate(self.columns)], axis=1)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """[..., D] tokens -> [..., D] representative values."""
+        tokens = np.asarray(tokens)
+        return np.stack([c.values[tokens[..., j]] for j, c in enumerate(self.columns)], axis=-1)
+
+    def expectation(self, column: int, probs: np.ndarray) -> np.ndarray:
+        """E[value] of one column under a distribution over its bins ([..., >= num_bins], extra ignored)."""
+        values = self.columns[column].values
+        return np.asarray(probs)[..., : len(values)] @ values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": self.names, "columns": [c.to_dict() for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Discretizer:
+        return cls([ColumnBins.from_dict(c) for c in d["columns"]], list(d["names"]))
