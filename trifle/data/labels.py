@@ -7,8 +7,10 @@ and r_t + gamma * V_t is the return from t. Episodes are not bootstrapped past t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +28,20 @@ class LabeledTrajectories:
     values: np.ndarray  # [N] float32
     episode_starts: np.ndarray  # [E] int64, first row of each episode
     episode_terminal: np.ndarray  # [E] bool, ended by a real terminal (not a timeout)
+    attrs: dict[str, Any] = field(default_factory=dict)  # the raw dataset's attributes, passed along
 
     @property
     def episode_ends(self) -> np.ndarray:
         """One past the last row of each episode."""
         return np.append(self.episode_starts[1:], len(self.rewards)).astype(np.int64)
+
+
+_ARRAY_FIELDS = ("observations", "actions", "rewards", "values", "episode_starts", "episode_terminal")
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays in dataset attributes become plain JSON values."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def segment_episodes(terminals: np.ndarray, timeouts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +74,7 @@ def label_trajectories(
     discount: float,
     termination_penalty: float | None,
     source: str = "<arrays>",
+    attrs: dict[str, Any] | None = None,
 ) -> LabeledTrajectories:
     """Segment a D4RL-layout dataset and attach value labels.
 
@@ -84,13 +96,15 @@ def label_trajectories(
         values=discounted_values(rewards, starts, discount),
         episode_starts=starts,
         episode_terminal=episode_terminal,
+        attrs=dict(attrs or {}),
     )
 
 
 def save_labeled(path: str | Path, labeled: LabeledTrajectories) -> None:
     """Write labeled trajectories as one .npz, atomically."""
+    arrays = {k: getattr(labeled, k) for k in _ARRAY_FIELDS}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **{k: getattr(labeled, k) for k in LabeledTrajectories.__dataclass_fields__})
+        np.savez_compressed(fh, attrs=np.array(json.dumps(labeled.attrs, default=_jsonable)), **arrays)
 
 
 def load_labeled(path: str | Path) -> LabeledTrajectories:
@@ -100,7 +114,8 @@ def load_labeled(path: str | Path) -> LabeledTrajectories:
         raise DataError(f"{path}: labeled trajectories not found (run the 'labels' stage first)")
     try:
         with np.load(path) as npz:
-            fields = {k: npz[k] for k in LabeledTrajectories.__dataclass_fields__}
+            fields: dict[str, Any] = {k: npz[k] for k in _ARRAY_FIELDS}
+            fields["attrs"] = json.loads(str(npz["attrs"]))
     except KeyError as err:
         raise DataError(f"{path}: missing key {err} in labeled trajectories") from err
     except (OSError, ValueError) as err:

@@ -84,7 +84,7 @@ def tokenize(
 def save_tokens(path: str | Path, data: TokenData) -> None:
     """Write tokens and their discretizer to one .npz, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(
+        np.savez_compressed(
             fh,
             tokens=data.tokens,
             episode_starts=data.episode_starts,

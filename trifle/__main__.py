@@ -1,0 +1,67 @@
+"""Command line: ``python -m trifle <stage> key=value ...`` runs one stage with Hydra overrides.
+
+Also ``python -m trifle sync`` (pull pinned artifacts from DVC and mark them up to date for
+Snakemake) and ``python -m trifle show [overrides]`` (print the resolved config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+
+from trifle.errors import TrifleError
+from trifle.stages import STAGES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trifle",
+        description="Run one trifle stage with Hydra overrides, e.g. `python -m trifle train_gpt task=taxi-stochastic gpt.steps=100`.",
+    )
+    parser.add_argument("command", choices=[*STAGES, "show", "sync"], help="stage to run, or show/sync")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value (for sync: extra `dvc pull` arguments)")
+    return parser
+
+
+def run_stage(stage: str, overrides: Sequence[str]) -> None:
+    """Compose the config, set threads and device, run the stage, save provenance beside its output."""
+    import torch
+
+    from trifle.config import compose
+    from trifle.runinfo import write_run_info
+
+    cfg = compose(overrides)
+    torch.set_num_threads(cfg["threads"])
+    module = importlib.import_module(f"trifle.stages.{stage}")
+    started = time.perf_counter()
+    output = module.run(cfg)
+    info = write_run_info(output, stage=stage, cfg=cfg, seconds=time.perf_counter() - started)
+    print(f"trifle {stage}: wrote {output} ({info.name})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sync":
+            from trifle.sync import sync
+
+            sync(args.overrides)
+        elif args.command == "show":
+            import yaml
+
+            from trifle.config import compose
+
+            print(yaml.safe_dump(compose(args.overrides), sort_keys=False))
+        else:
+            run_stage(args.command, args.overrides)
+    except TrifleError as err:
+        print(f"trifle {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Fingerprints of the package code a stage runs, for Snakemake's rerun decisions.
+
+Snakemake's ``code`` trigger only sees a rule's own shell/script, not the library it calls. Each rule
+therefore passes, as a param, a hash of the syntax trees of the stage module and every ``trifle``
+module it imports (transitively). Hashing the AST, not the text, means comments, docstring-free
+reformatting and blank lines do not retrain models; any change to what the code does does.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a ``trifle.*`` module, or None for anything outside the package."""
+    parts = module.split(".")
+    if parts[0] != "trifle":
+        return None
+    base = PACKAGE_ROOT.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Names of modules imported by a module, with relative imports resolved."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            body[0] = ast.Pass()
+    return tree
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(module: str) -> str:
+    """sha256 over the docstring-free ASTs of ``module`` and the trifle modules it reaches."""
+    seen: dict[str, str] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        pending.extend(_imports(tree, name, path.name == "__init__.py"))
+        # Parent packages run on import too.
+        if "." in name:
+            pending.append(name.rpartition(".")[0])
+        seen[name] = ast.dump(_strip_docstrings(tree))
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(name.encode() + b"\0" + seen[name].encode() + b"\0")
+    return digest.hexdigest()[:16]
