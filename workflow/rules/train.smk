@@ -1,0 +1,49 @@
+# One GPT and one circuit per task and seed, both trained on the same token file.
+
+
+rule train_gpt:
+    input:
+        "data/tokens/{task}.npz",
+    output:
+        model="results/checkpoints/{task}/gpt/seed{seed}.pt",
+        metrics="results/checkpoints/{task}/gpt/seed{seed}.metrics.json",
+    log:
+        "logs/train_gpt/{task}/seed{seed}.log",
+    params:
+        cfg=stage_config("train_gpt"),
+        code=code("train_gpt"),
+        overrides=cli_overrides,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=hours(12),
+        gpu=training_gpus,
+    conda:
+        "../envs/trifle.yaml"
+    shell:
+        "python -m trifle train_gpt {params.overrides} paths.tokens={input:q} paths.gpt={output.model:q}"
+        " paths.gpt_metrics={output.metrics:q} > {log:q} 2>&1"
+
+
+rule train_pc:
+    input:
+        "data/tokens/{task}.npz",
+    output:
+        model="results/checkpoints/{task}/pc/seed{seed}.jpc",
+        metrics="results/checkpoints/{task}/pc/seed{seed}.metrics.json",
+    log:
+        "logs/train_pc/{task}/seed{seed}.log",
+    params:
+        cfg=stage_config("train_pc"),
+        code=code("train_pc"),
+        overrides=cli_overrides,
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=hours(4),
+        gpu=training_gpus,
+    conda:
+        "../envs/trifle.yaml"
+    shell:
+        "python -m trifle train_pc {params.overrides} paths.tokens={input:q} paths.pc={output.model:q}"
+        " paths.pc_metrics={output.metrics:q} > {log:q} 2>&1"
