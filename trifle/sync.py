@@ -1,0 +1,59 @@
+"""`python -m trifle sync`: use pinned artifacts from the DVC remote instead of recomputing them.
+
+`dvc pull` restores files with fresh, arbitrary modification times, so Snakemake alone would think
+every downstream file is stale and retrain everything. After checking that the pulled artifacts are
+exactly the ones `dvc.lock` pins for this code and config, the sync marks them up to date with
+`snakemake --touch --forceall`, which also records Snakemake's provenance (params, code) for them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+
+from trifle.errors import TrifleError
+
+# dvc status words that mean "this checkout is not what dvc.lock pins" (a missing output, from a
+# partial pull, is fine: Snakemake will simply produce it).
+_BLOCKING = ("modified", "new")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    print("+", " ".join(cmd), flush=True)
+    try:
+        return subprocess.run(cmd, check=True, text=True, capture_output=cmd[:2] == ["dvc", "status"])
+    except FileNotFoundError as err:
+        raise TrifleError(f"sync: '{cmd[0]}' is not installed or not on PATH") from err
+    except subprocess.CalledProcessError as err:
+        raise TrifleError(f"sync: '{' '.join(cmd)}' failed with exit code {err.returncode}") from err
+
+
+def blocking_changes(status: dict) -> list[str]:
+    """Human-readable reasons from `dvc status --json` that make touching unsafe."""
+    problems = []
+    for stage, entries in status.items():
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue
+            for path, state in entry.get("changed deps", {}).items():
+                problems.append(f"{stage}: dependency {path} is {state} since dvc.lock was written")
+            for path, state in entry.get("changed outs", {}).items():
+                if state in _BLOCKING:
+                    problems.append(f"{stage}: output {path} is {state} relative to dvc.lock")
+    return problems
+
+
+def sync(dvc_pull_args: Sequence[str] = ()) -> None:
+    """Pull pinned artifacts, verify them against dvc.lock, then mark them up to date for Snakemake."""
+    _run(["dvc", "pull", *dvc_pull_args])
+    status = json.loads(_run(["dvc", "status", "--json"]).stdout or "{}")
+    problems = blocking_changes(status)
+    if problems:
+        raise TrifleError(
+            "sync: the pulled artifacts do not match this checkout, so they are not marked up to date:\n  "
+            + "\n  ".join(problems)
+            + "\nCheck out the commit whose dvc.lock you pulled, or rerun `snakemake --cores all`."
+        )
+    _run(["snakemake", "--touch", "--forceall", "--cores", "1", "--quiet", "all"])
+    print("sync: pinned artifacts restored and marked up to date; `snakemake -n` should list no jobs.")
