@@ -24,7 +24,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "labels": ("task.labels",),
     "tokens": ("task.discretizer",),
     "train_gpt": ("gpt", "seed", "device"),
-    "train_pc": ("pc", "task.pc_window", "seed", "device"),
+    "train_pc": ("pc", "task.pc_window", "seed"),
     "tables": (),
 }
 
@@ -141,25 +141,10 @@ def _validate_task(cfg: dict[str, Any]) -> None:
 
 
 def _validate_gpt(cfg: dict[str, Any]) -> None:
-    for key in (
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "seq_transitions",
-        "batch_size",
-        "steps",
-        "eval_every",
-        "checkpoint_every",
-    ):
-        _positive_int(cfg, f"gpt.{key}")
-    _require(
-        get(cfg, "gpt.n_embd") % get(cfg, "gpt.n_head") == 0,
-        "gpt.n_embd",
-        f"a multiple of gpt.n_head={cfg['gpt']['n_head']}",
-        cfg["gpt"]["n_embd"],
-    )
-    _in_unit_interval(cfg, "gpt.dropout")
-    _in_unit_interval(cfg, "gpt.valid_fraction")
+    """The trainer owns the GPT key checks; they run here so bad values fail before any stage starts."""
+    from trifle.models.gpt_training import resolve_config
+
+    resolve_config(get(cfg, "gpt"))
 
 
 def _validate_pc(cfg: dict[str, Any]) -> None:

@@ -1,0 +1,69 @@
+"""Stage `train_pc`: fit the HCLT circuit over windows of `task.pc_window` transitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trifle.data.circuit_windows import circuit_windows
+from trifle.data.tokens import load_tokens
+from trifle.data.windows import split_episodes
+from trifle.io import write_json
+from trifle.models.circuits.training import train_circuit
+
+
+def circuit_num_cats(vocab_size: int, window: int) -> int:
+    """Categories per circuit variable: the token vocabulary, plus the "episode over" pad when K > 1."""
+    return vocab_size + (1 if window > 1 else 0)
+
+
+def run(cfg: dict[str, Any]) -> Path:
+    data = load_tokens(cfg["paths"]["tokens"])
+    pc, window = cfg["pc"], cfg["task"]["pc_window"]
+    # Same held-out episodes as the GPT when the valid fractions agree (same seed, same split).
+    train_ids, valid_ids = split_episodes(
+        data.episode_starts, len(data.tokens), pc["valid_fraction"], cfg["seed"]
+    )
+
+    def windows(ids):
+        return torch.from_numpy(
+            circuit_windows(
+                data.tokens,
+                data.episode_starts,
+                data.episode_terminal,
+                window=window,
+                episode_ids=ids,
+                pad_token=data.vocab_size,
+            )
+        )
+
+    out = Path(cfg["paths"]["pc"])
+    metrics = train_circuit(
+        windows(train_ids),
+        windows(valid_ids),
+        num_cats=circuit_num_cats(data.vocab_size, window),
+        num_latents=pc["num_latents"],
+        epochs=pc["epochs"],
+        batch_size=pc["batch_size"],
+        pseudocount=pc["pseudocount"],
+        seed=cfg["seed"],
+        out_path=out,
+        backend=pc["backend"],
+        progress=cfg["progress"],
+    )
+    write_json(
+        cfg["paths"]["pc_metrics"],
+        {
+            "task": cfg["task"]["name"],
+            "model": "pc",
+            "seed": cfg["seed"],
+            "window": window,
+            "train_ll_per_token": metrics["train_ll_per_var"],
+            "heldout_ll_per_token": metrics["heldout_ll_per_var"],
+            "train_seconds": metrics["seconds"],
+            "details": metrics,
+        },
+    )
+    return out
