@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Run one trifle stage with Hydra overrides, e.g. `python -m trifle train_gpt task=taxi-stochastic gpt.steps=100`.",
     )
     parser.add_argument("command", choices=[*STAGES, "show", "sync"], help="stage to run, or show/sync")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value (for sync: extra `dvc pull` arguments)")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides key=value (for sync: extra `dvc pull` arguments)"
+    )
     return parser
 
 

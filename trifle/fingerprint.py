@@ -59,7 +59,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_fingerprint(module: str) -> str:
     """sha256 over the docstring-free ASTs of ``module`` and the trifle modules it reaches."""
     seen: dict[str, str] = {}

@@ -15,7 +15,9 @@ from trifle.io import write_json
 def git_revision(cwd: str | Path = ".") -> dict[str, Any]:
     """The commit and whether the work tree had uncommitted changes ('unknown' outside a git checkout)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
         )

@@ -55,5 +55,5 @@ def sync(dvc_pull_args: Sequence[str] = ()) -> None:
             + "\n  ".join(problems)
             + "\nCheck out the commit whose dvc.lock you pulled, or rerun `snakemake --cores all`."
         )
-    _run(["snakemake", "--touch", "--forceall", "--cores", "1", "--quiet", "all"])
+    _run(["snakemake", "--touch", "--forceall", "--cores", "1"])
     print("sync: pinned artifacts restored and marked up to date; `snakemake -n` should list no jobs.")
