@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from trifle.__main__ import main
-from trifle.config import STAGE_KEYS, available, compose, stage_slice
+from trifle.config import STAGE_KEYS, available, compose, stage_overrides, stage_slice
 from trifle.errors import ConfigError
 from trifle.fingerprint import code_fingerprint
 
@@ -122,3 +122,16 @@ def test_stage_runs_as_module_and_saves_provenance(tmp_path):
     assert info["stage"] == "data" and info["seed"] == 0
     assert info["config"]["task"]["dataset"]["num_episodes"] == 20
     assert "commit" in info["git"]
+
+
+def test_jobs_get_only_the_overrides_their_stage_reads():
+    overrides = [
+        "task=taxi-stochastic",
+        "seed=1",
+        "gpt=small",
+        "pc.num_latents=4",
+        "task.dataset.num_episodes=9",
+    ]
+    assert stage_overrides(overrides, "data") == ["task=taxi-stochastic", "task.dataset.num_episodes=9"]
+    assert stage_overrides(overrides, "train_gpt") == ["task=taxi-stochastic", "seed=1", "gpt=small"]
+    assert stage_overrides(overrides, "train_pc") == ["task=taxi-stochastic", "seed=1", "pc.num_latents=4"]

@@ -21,10 +21,10 @@ GROUPS = ("task", "gpt", "pc", "planner", "eval")
 # files itself, and a path change must not look like a hyperparameter change.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("task.name", "task.env", "task.dataset"),
-    "labels": ("task.labels",),
-    "tokens": ("task.discretizer",),
-    "train_gpt": ("gpt", "seed", "device"),
-    "train_pc": ("pc", "task.pc_window", "seed"),
+    "labels": ("task.name", "task.labels"),
+    "tokens": ("task.name", "task.discretizer"),
+    "train_gpt": ("task.name", "gpt", "seed", "device"),
+    "train_pc": ("task.name", "pc", "task.pc_window", "seed"),
     "tables": (),
 }
 
@@ -85,6 +85,25 @@ def stage_slice(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     if stage not in STAGE_KEYS:
         raise ConfigError(f"unknown stage '{stage}'; expected one of: {', '.join(STAGE_KEYS)}")
     return {key: get(cfg, key) for key in STAGE_KEYS[stage]}
+
+
+def _related(key: str, stage_key: str) -> bool:
+    return key == stage_key or stage_key.startswith(key + ".") or key.startswith(stage_key + ".")
+
+
+def stage_overrides(overrides: Iterable[str], stage: str) -> list[str]:
+    """The overrides that can change what ``stage`` reads (group choices included).
+
+    Snakemake tracks a job's command-line overrides as params, so passing a job overrides it does not
+    read (a circuit setting to the dataset job, say) would rerun it for nothing.
+    """
+    keys = STAGE_KEYS[stage]
+    kept = []
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if any(_related(key, stage_key) for stage_key in keys):
+            kept.append(item)
+    return kept
 
 
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:

@@ -1,0 +1,102 @@
+"""End to end on tiny data: the whole DAG, provenance, exact reruns, and the DVC sharing round trip.
+
+One producer run serves every check (it is the slow part): run the smoke config through `dvc repro`,
+push to a local remote, clone, `python -m trifle sync`, and confirm Snakemake has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from workflow_support import REPO, copy_project, job_counts, run, snakemake
+
+pytestmark = pytest.mark.slow
+
+TRAINING = {"train_gpt", "train_pc"}
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    smoke = (REPO / "workflow" / "config" / "smoke.yaml").read_text()
+    project = copy_project(root / "producer", config=smoke)
+    remote = root / "remote"
+    run(["git", "init", "-q"], project)
+    run(["dvc", "remote", "add", "-f", "-d", "localstore", str(remote)], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "project"], project)
+    run(["dvc", "repro"], project)
+    return {"project": project, "remote": remote, "root": root}
+
+
+def test_default_target_writes_the_models_table(produced):
+    project = produced["project"]
+    with open(project / "results" / "tables" / "models.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["task"], r["model"]) for r in rows} == {
+        (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("gpt", "pc")
+    }
+    for row in rows:
+        assert float(row["heldout_ll_per_token"]) < 0 and float(row["train_seconds"]) > 0
+    assert (project / "results" / "tables" / "models.md").read_text().startswith("| task |")
+
+
+def test_every_output_has_provenance_and_every_job_a_log(produced):
+    project = produced["project"]
+    outputs = [
+        *project.glob("data/*/*.hdf5"),
+        *project.glob("data/*/*.npz"),
+        *project.glob("results/checkpoints/*/*/seed0.pt"),
+    ]
+    outputs += [
+        *project.glob("results/checkpoints/*/*/seed0.jpc"),
+        project / "results" / "tables" / "models.csv",
+    ]
+    assert len(outputs) == 11
+    for output in outputs:
+        info = Path(f"{output}.run.json")
+        assert info.is_file(), output
+        assert '"commit"' in info.read_text()
+    logs = [p.relative_to(project / "logs").parts[0] for p in project.glob("logs/**/*.log")]
+    assert sorted(set(logs)) == ["dataset", "labels", "models_table.log", "tokens", "train_gpt", "train_pc"]
+
+
+def test_second_run_has_nothing_to_do(produced):
+    out = snakemake(produced["project"], "-n").stdout
+    assert "Nothing to be done" in out, out
+
+
+def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
+    project = produced["project"]
+    config = (project / "workflow" / "config" / "default.yaml").read_text()
+    changed = copy_project(
+        produced["root"] / "changed", config=config.replace("pc.num_latents=4", "pc.num_latents=5")
+    )
+    for name in ("data", "results", ".snakemake"):
+        run(["cp", "-a", str(project / name), str(changed / name)], produced["root"])
+    counts = job_counts(snakemake(changed, "-n").stdout)
+    assert counts == {"train_pc": 2, "models_table": 1, "all": 1}
+
+
+def test_dvc_round_trip_restores_without_recomputation(produced):
+    project, root = produced["project"], produced["root"]
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "pin artifacts"], project)
+    run(["dvc", "push"], project)
+    consumer = root / "consumer"
+    run(["git", "clone", "-q", str(project), str(consumer)], root)
+    assert not (consumer / "results" / "checkpoints").exists()
+    run([*_python(), "-m", "trifle", "sync"], consumer)
+    assert (consumer / "results" / "checkpoints" / "taxi-stochastic" / "pc" / "seed0.jpc").is_file()
+    out = snakemake(consumer, "-n").stdout
+    assert "Nothing to be done" in out, out
+    assert "changed" not in run(["dvc", "status"], consumer).stdout
+
+
+def _python() -> list[str]:
+    import sys
+
+    return [sys.executable]

@@ -1,0 +1,429 @@
+"""Train and load the trajectory GPT: TT's recipe (AdamW, warmup + cosine, action-weighted loss).
+
+Reproducibility is by construction rather than by saved RNG state: the model init is a function of
+``seed``, the minibatch at optimizer step ``t`` is a function of ``(seed, t)`` (a fresh permutation
+of the training windows per epoch), and the dropout masks of step ``t`` come from a generator seeded
+with ``(seed, t)``. A run resumed from ``<out_path>.partial.pt`` therefore replays exactly the same
+steps as an uninterrupted one, and ends with bit-identical weights (same machine and threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trifle.data.windows import TransitionWindows, split_episodes
+from trifle.errors import CheckpointError, ConfigError
+from trifle.io import atomic_path
+from trifle.models.gpt import GPTConfig, TrajectoryGPT
+
+CHECKPOINT_FORMAT = "trifle-gpt/1"
+PARTIAL_FORMAT = "trifle-gpt-partial/1"
+
+#: Trajectory Transformer's published GPT settings (config/offline.py); pick ``steps`` or ``epochs``.
+TT_CONFIG: dict[str, Any] = {
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 128,
+    "dropout": 0.1,
+    "seq_transitions": 10,
+    "batch_size": 256,
+    "learning_rate": 6e-4,
+    "weight_decay": 0.1,
+    "betas": (0.9, 0.95),
+    "grad_clip": 1.0,
+    "steps": None,
+    "epochs": None,
+    "warmup_steps": 1000,
+    "min_lr_fraction": 0.1,
+    "action_weight": 5.0,
+    "reward_weight": 1.0,
+    "value_weight": 1.0,
+    "valid_fraction": 0.05,
+    "eval_every": 1000,
+    "eval_windows": 1024,
+    "checkpoint_every": 1000,
+}
+
+#: A CPU-friendly model for the quick workflow (toy-text tasks, smoke runs).
+SMALL_CONFIG: dict[str, Any] = {**TT_CONFIG, "n_layer": 2, "n_head": 2, "n_embd": 64, "batch_size": 64}
+
+# Keys whose change does not alter the trained weights, so a resume may ignore them.
+_RESUME_FREE_KEYS = {"checkpoint_every"}
+
+
+def _int(cfg: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"gpt.{key}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(cfg: Mapping[str, Any], key: str, low: float, high: float, *, open_low: bool = False) -> float:
+    value = cfg[key]
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"gpt.{key}: expected a number in {bracket}{low}, {high}], got {cfg[key]!r}")
+    return value
+
+
+def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a training config (missing keys take :data:`TT_CONFIG` values) and return plain types."""
+    unknown = sorted(set(cfg) - set(TT_CONFIG))
+    if unknown:
+        raise ConfigError(f"gpt.{unknown[0]}: unknown key; known keys are {', '.join(sorted(TT_CONFIG))}")
+    full = {**TT_CONFIG, **dict(cfg)}
+    out: dict[str, Any] = {}
+    for key in ("n_layer", "n_head", "n_embd", "seq_transitions", "batch_size", "eval_windows"):
+        out[key] = _int(full, key, 1)
+    for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+        out[key] = _int(full, key, 0)
+    if out["n_embd"] % out["n_head"]:
+        raise ConfigError(f"gpt.n_embd: {out['n_embd']} must be divisible by gpt.n_head={out['n_head']}")
+    out["dropout"] = _float(full, "dropout", 0.0, 0.99)
+    out["learning_rate"] = _float(full, "learning_rate", 0.0, 10.0, open_low=True)
+    out["weight_decay"] = _float(full, "weight_decay", 0.0, 10.0)
+    out["grad_clip"] = _float(full, "grad_clip", 0.0, math.inf)
+    out["min_lr_fraction"] = _float(full, "min_lr_fraction", 0.0, 1.0)
+    out["valid_fraction"] = _float(full, "valid_fraction", 0.0, 0.99, open_low=True)
+    for key in ("action_weight", "reward_weight", "value_weight"):
+        out[key] = _float(full, key, 0.0, math.inf)
+    betas = full["betas"]
+    try:
+        betas = tuple(float(b) for b in betas)
+    except (TypeError, ValueError):
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"gpt.betas: expected two numbers in [0, 1), got {full['betas']!r}")
+    out["betas"] = list(betas)
+    if (full["steps"] is None) == (full["epochs"] is None):
+        raise ConfigError("gpt.steps / gpt.epochs: set exactly one of them (the other must be null)")
+    out["steps"] = None if full["steps"] is None else _int(full, "steps", 1)
+    out["epochs"] = None if full["epochs"] is None else _float(full, "epochs", 0.0, math.inf, open_low=True)
+    return out
+
+
+def model_config(cfg: Mapping[str, Any], obs_dim: int, act_dim: int, vocab_size: int) -> GPTConfig:
+    """The :class:`GPTConfig` a resolved training config implies (block = whole transitions)."""
+    return GPTConfig(
+        obs_dim=int(obs_dim),
+        act_dim=int(act_dim),
+        vocab_size=int(vocab_size),
+        block_size=cfg["seq_transitions"] * (int(obs_dim) + int(act_dim) + 2),
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_embd=cfg["n_embd"],
+        dropout=cfg["dropout"],
+        action_weight=cfg["action_weight"],
+        reward_weight=cfg["reward_weight"],
+        value_weight=cfg["value_weight"],
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block under ``torch.manual_seed(seed)`` without disturbing the caller's RNG streams."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _derived_seed(seed: int, *path: int) -> int:
+    """A well-mixed 63-bit seed for sub-stream ``path`` of ``seed`` (init, dropout of step t, ...)."""
+    return int(np.random.SeedSequence([int(seed), *path]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def batch_indices(seed: int, step: int, batch_size: int, num_windows: int) -> np.ndarray:
+    """Window indices of optimizer step ``step``: slice ``step`` of a per-epoch random permutation.
+
+    A pure function of its arguments, so a resumed run draws exactly the batches it would have.
+    """
+    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, num_windows)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng(np.random.SeedSequence([int(seed), 1, int(epoch)])).permutation(
+            num_windows
+        )
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+def learning_rate(cfg: Mapping[str, Any], step: int, total_steps: int) -> float:
+    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr_fraction`` of it (as TT)."""
+    base = cfg["learning_rate"]
+    if step < cfg["warmup_steps"]:
+        return base * (step + 1) / cfg["warmup_steps"]
+    span = max(1, total_steps - cfg["warmup_steps"])
+    progress = min(1.0, (step - cfg["warmup_steps"]) / span)
+    floor = cfg["min_lr_fraction"]
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _make_optimizer(model: TrajectoryGPT, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW with weight decay on linear/head weights only (TT: no decay on biases, norms, embeddings)."""
+    decay = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    decay.add("head_weight")
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in params.items() if n in decay], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]))
+
+
+def _fingerprint(tokens: np.ndarray, episode_starts: np.ndarray, episode_terminal: np.ndarray) -> dict:
+    """Shapes plus a content hash, so a partial checkpoint is never resumed on different data."""
+    digest = hashlib.sha256()
+    for array, dtype in ((tokens, np.int64), (episode_starts, np.int64), (episode_terminal, np.bool_)):
+        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return {
+        "rows": int(tokens.shape[0]),
+        "transition_dim": int(tokens.shape[1]),
+        "episodes": int(len(episode_starts)),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _eval_subset(num_windows: int, limit: int) -> np.ndarray:
+    """At most ``limit`` evenly spaced window indices: deterministic and covering all episodes."""
+    if num_windows <= limit:
+        return np.arange(num_windows)
+    return np.unique(np.linspace(0, num_windows - 1, limit).round().astype(np.int64))
+
+
+def _partial_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".partial.pt")
+
+
+def _torch_load(path: Path, device: str | torch.device) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or "format" not in obj:
+        raise CheckpointError(f"{path}: not a trifle GPT checkpoint (no 'format' entry)")
+    return obj
+
+
+def _check_partial(path: Path, saved: dict, current: dict) -> None:
+    """Raise CheckpointError naming the first setting that differs between ``saved`` and ``current``."""
+    if saved.get("format") != PARTIAL_FORMAT:
+        raise CheckpointError(f"{path}: format {saved.get('format')!r}, expected {PARTIAL_FORMAT!r}")
+    for section in ("seed", "data", "cfg"):
+        old, new = saved.get(section), current[section]
+        if section == "cfg":
+            old = {k: v for k, v in (old or {}).items() if k not in _RESUME_FREE_KEYS}
+            new = {k: v for k, v in new.items() if k not in _RESUME_FREE_KEYS}
+        if isinstance(new, dict) and isinstance(old, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    raise CheckpointError(
+                        f"{path}: cannot resume, {section}.{key} is {old.get(key)!r} in the checkpoint but "
+                        f"{new.get(key)!r} now (delete the file to start over)"
+                    )
+        elif old != new:
+            raise CheckpointError(
+                f"{path}: cannot resume, {section} is {old!r} in the checkpoint but {new!r} now"
+            )
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _train_step(
+    model: TrajectoryGPT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lr: float,
+    grad_clip: float,
+    dropout_seed: int,
+) -> float:
+    """One AdamW step on ``batch``; dropout masks come from ``dropout_seed`` so a resume replays them."""
+    device = model.head_bias.device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with _seeded(dropout_seed, device):
+        loss = model.loss(*(t.to(device) for t in batch))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def train_gpt(
+    cfg: Mapping[str, Any],
+    *,
+    tokens: np.ndarray,
+    episode_starts: np.ndarray,
+    episode_terminal: np.ndarray,
+    obs_dim: int,
+    act_dim: int,
+    vocab_size: int,
+    seed: int,
+    out_path: str | Path,
+    progress: bool = True,
+    device: str = "cpu",
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train a :class:`TrajectoryGPT` on tokenized transitions and save it at ``out_path``.
+
+    Resumes from ``<out_path>.partial.pt`` when present (written every ``checkpoint_every`` steps).
+    ``stop_after`` ends this call after that many optimizer steps, leaving the partial checkpoint
+    for a later call (for time-limited cluster jobs); the result then has ``completed: False``.
+    Returns the metrics dict also stored in the checkpoint.
+    """
+    cfg = resolve_config(cfg)
+    out_path = Path(out_path)
+    partial_path = _partial_path(out_path)
+    dev = torch.device(device)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != obs_dim + act_dim + 2:
+        raise ConfigError(
+            f"obs_dim/act_dim: tokens have shape {tokens.shape}, expected [rows, obs_dim + act_dim + 2 = "
+            f"{obs_dim + act_dim + 2}]"
+        )
+    mcfg = model_config(cfg, obs_dim, act_dim, vocab_size)
+    train_ids, valid_ids = split_episodes(episode_starts, len(tokens), cfg["valid_fraction"], seed)
+    window_args = (tokens, episode_starts, episode_terminal, cfg["seq_transitions"], mcfg.stop_token)
+    train_windows = TransitionWindows(*window_args, train_ids)
+    valid_windows = TransitionWindows(*window_args, valid_ids)
+    total_steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(train_windows) / cfg["batch_size"])
+    identity = {"seed": int(seed), "data": _fingerprint(tokens, episode_starts, episode_terminal), "cfg": cfg}
+
+    with _seeded(_derived_seed(seed, 0), dev):
+        model = TrajectoryGPT(mcfg)
+    model.to(dev)
+    optimizer = _make_optimizer(model, cfg)
+    state = {"step": 0, "history": [], "loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
+    if partial_path.exists():
+        saved = _torch_load(partial_path, dev)
+        _check_partial(partial_path, saved, identity)
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {k: saved[k] for k in state}
+
+    def save_partial() -> None:
+        with atomic_path(partial_path) as tmp:
+            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": _cpu_state(model)}
+            torch.save({**payload, "optimizer": optimizer.state_dict(), **state}, tmp)
+
+    train_eval = _eval_subset(len(train_windows), cfg["eval_windows"])
+    valid_eval = _eval_subset(len(valid_windows), cfg["eval_windows"])
+
+    def evaluate() -> dict[str, float]:
+        count = state["loss_count"]
+        record = {
+            "step": state["step"],
+            "train_loss": state["loss_sum"] / count if count else float("nan"),
+            "train_ll_per_token": model.mean_log_likelihood(train_windows.iter_batches(train_eval, 256)),
+            "heldout_ll_per_token": model.mean_log_likelihood(valid_windows.iter_batches(valid_eval, 256)),
+        }
+        state["history"].append(record)
+        state["loss_sum"], state["loss_count"] = 0.0, 0
+        return record
+
+    began = time.perf_counter()
+    steps_this_call, heldout = 0, "?"
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="gpt", disable=not progress, dynamic_ncols=True)
+    with bar:
+        while state["step"] < total_steps:
+            if stop_after is not None and steps_this_call >= stop_after:
+                state["seconds"] += time.perf_counter() - began
+                save_partial()
+                return {"completed": False, "steps": state["step"], "seconds": state["seconds"]}
+            step = state["step"]
+            batch = train_windows.get(batch_indices(seed, step, cfg["batch_size"], len(train_windows)))
+            lr = learning_rate(cfg, step, total_steps)
+            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], _derived_seed(seed, 2, step))
+            state["step"], steps_this_call = step + 1, steps_this_call + 1
+            state["loss_sum"] += loss
+            state["loss_count"] += 1
+            bar.update(1)
+            if cfg["eval_every"] and state["step"] % cfg["eval_every"] == 0 and state["step"] < total_steps:
+                heldout = f"{evaluate()['heldout_ll_per_token']:.3f}"
+            bar.set_postfix(loss=f"{loss:.3f}", heldout_ll=heldout, refresh=False)
+            if cfg["checkpoint_every"] and state["step"] % cfg["checkpoint_every"] == 0:
+                state["seconds"] += time.perf_counter() - began
+                began = time.perf_counter()
+                save_partial()
+
+    final = evaluate()  # the loop skips evaluating at the last step, so this record is never a duplicate
+    state["seconds"] += time.perf_counter() - began
+    metrics = {
+        "completed": True,
+        "train_loss": final["train_loss"],
+        "train_ll_per_token": final["train_ll_per_token"],
+        "heldout_ll_per_token": final["heldout_ll_per_token"],
+        "steps": total_steps,
+        "seconds": state["seconds"],
+        "num_params": model.num_params(),
+        "tokens_per_step": cfg["batch_size"] * mcfg.block_size,
+        "num_train_windows": len(train_windows),
+        "num_heldout_windows": len(valid_windows),
+        "history": state["history"],
+    }
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "config": mcfg.to_dict(),
+        "train_config": cfg,
+        "seed": int(seed),
+        "state_dict": _cpu_state(model),
+        "metrics": metrics,
+        "data": {
+            **identity["data"],
+            "train_episodes": train_ids.tolist(),
+            "heldout_episodes": valid_ids.tolist(),
+        },
+    }
+    with atomic_path(out_path) as tmp:
+        torch.save(checkpoint, tmp)
+    partial_path.unlink(missing_ok=True)
+    return metrics
+
+
+def load_gpt(
+    path: str | Path, *, expect: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> tuple[TrajectoryGPT, dict[str, Any]]:
+    """Load a checkpoint written by :func:`train_gpt` as an eval-mode model on ``device``.
+
+    ``expect`` holds model-config values the caller relies on (e.g. ``obs_dim``, ``act_dim``,
+    ``vocab_size``); any mismatch is a CheckpointError naming the key, the expected and found values.
+    """
+    path = Path(path)
+    ckpt = _torch_load(path, device)
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+    stored = ckpt.get("config", {})
+    for key, value in (expect or {}).items():
+        if key not in stored:
+            raise CheckpointError(f"{path}: expected config key {key!r}, which the checkpoint does not have")
+        if stored[key] != value:
+            raise CheckpointError(f"{path}: {key} expected {value!r}, found {stored[key]!r}")
+    try:
+        model = TrajectoryGPT(GPTConfig(**stored))
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, KeyError, RuntimeError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: config and weights do not form a valid model ({exc})") from exc
+    return model.to(device).eval(), ckpt
