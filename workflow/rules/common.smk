@@ -3,7 +3,7 @@ import shlex
 
 from snakemake.utils import validate
 
-from trifle.config import available, compose, stage_slice
+from trifle.config import available, compose, stage_overrides, stage_slice
 from trifle.fingerprint import code_fingerprint
 
 
@@ -42,9 +42,13 @@ def stage_config(stage):
     return params
 
 
-def cli_overrides(wildcards):
-    """The same overrides, quoted for the shell command of the job."""
-    return " ".join(shlex.quote(o) for o in hydra_overrides(wildcards))
+def cli_overrides(stage):
+    """params function: the overrides `stage` reads, quoted for the job's shell command."""
+
+    def overrides(wildcards):
+        return " ".join(shlex.quote(o) for o in stage_overrides(hydra_overrides(wildcards), stage))
+
+    return overrides
 
 
 def code(stage):

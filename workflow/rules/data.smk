@@ -9,7 +9,7 @@ rule dataset:
     params:
         cfg=stage_config("data"),
         code=code("data"),
-        overrides=cli_overrides,
+        overrides=cli_overrides("data"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -18,7 +18,7 @@ rule dataset:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle data {params.overrides} paths.raw={output:q} > {log:q} 2>&1"
+        "python -m trifle data {params.overrides} threads={threads} paths.raw={output:q} > {log:q} 2>&1"
 
 
 rule labels:
@@ -31,7 +31,7 @@ rule labels:
     params:
         cfg=stage_config("labels"),
         code=code("labels"),
-        overrides=cli_overrides,
+        overrides=cli_overrides("labels"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -40,7 +40,7 @@ rule labels:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle labels {params.overrides} paths.raw={input:q} paths.labeled={output:q} > {log:q} 2>&1"
+        "python -m trifle labels {params.overrides} threads={threads} paths.raw={input:q} paths.labeled={output:q} > {log:q} 2>&1"
 
 
 rule tokens:
@@ -53,7 +53,7 @@ rule tokens:
     params:
         cfg=stage_config("tokens"),
         code=code("tokens"),
-        overrides=cli_overrides,
+        overrides=cli_overrides("tokens"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -62,4 +62,4 @@ rule tokens:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle tokens {params.overrides} paths.labeled={input:q} paths.tokens={output:q} > {log:q} 2>&1"
+        "python -m trifle tokens {params.overrides} threads={threads} paths.labeled={input:q} paths.tokens={output:q} > {log:q} 2>&1"

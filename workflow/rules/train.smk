@@ -12,7 +12,7 @@ rule train_gpt:
     params:
         cfg=stage_config("train_gpt"),
         code=code("train_gpt"),
-        overrides=cli_overrides,
+        overrides=cli_overrides("train_gpt"),
     threads: 1
     resources:
         mem_mb=8000,
@@ -21,7 +21,7 @@ rule train_gpt:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle train_gpt {params.overrides} paths.tokens={input:q} paths.gpt={output.model:q}"
+        "python -m trifle train_gpt {params.overrides} threads={threads} paths.tokens={input:q} paths.gpt={output.model:q}"
         " paths.gpt_metrics={output.metrics:q} > {log:q} 2>&1"
 
 
@@ -36,7 +36,7 @@ rule train_pc:
     params:
         cfg=stage_config("train_pc"),
         code=code("train_pc"),
-        overrides=cli_overrides,
+        overrides=cli_overrides("train_pc"),
     threads: 1
     resources:
         mem_mb=8000,
@@ -45,5 +45,5 @@ rule train_pc:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle train_pc {params.overrides} paths.tokens={input:q} paths.pc={output.model:q}"
+        "python -m trifle train_pc {params.overrides} threads={threads} paths.tokens={input:q} paths.pc={output.model:q}"
         " paths.pc_metrics={output.metrics:q} > {log:q} 2>&1"
