@@ -1,0 +1,1 @@
+"""Planning: beam search, Trifle's circuit-corrected proposals and multi-step values, baselines."""
