@@ -8,9 +8,13 @@ min_version("9.0")
 configfile: "workflow/config/default.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 
 
@@ -18,3 +22,4 @@ rule all:
     default_target: True
     input:
         rules.models_table.output,
+        rules.summary.output,

@@ -48,12 +48,22 @@ def test_a_hyperparameter_changes_only_the_slices_that_read_it():
     differing = {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)}
     assert differing == {"train_pc"}
     changed = compose(["task=taxi-stochastic", "task.labels.discount=0.9"])
-    assert {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)} == {"labels"}
+    # The planners discount with the same factor as the labels.
+    assert {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)} == {
+        "labels",
+        "evaluate",
+    }
 
 
-def test_seed_changes_training_slices_but_not_data():
+def test_seed_changes_training_and_evaluation_but_not_data():
     a, b = compose(["seed=0"]), compose(["seed=1"])
-    assert {s for s in STAGE_KEYS if stage_slice(a, s) != stage_slice(b, s)} == {"train_gpt", "train_pc"}
+    changed = {s for s in STAGE_KEYS if stage_slice(a, s) != stage_slice(b, s)}
+    assert changed == {"train_gpt", "train_pc", "train_dt", "evaluate"}
+
+
+def test_planner_choice_changes_only_evaluation():
+    a, b = compose(["planner=tt"]), compose(["planner=trifle-s"])
+    assert {s for s in STAGE_KEYS if stage_slice(a, s) != stage_slice(b, s)} == {"evaluate"}
 
 
 def test_fingerprint_follows_imports_and_ignores_docstrings(tmp_path, monkeypatch):

@@ -108,3 +108,11 @@ def test_corrupt_token_file_names_the_file(tmp_path):
         load_tokens(bad)
     with pytest.raises(DataError, match="not found"):
         load_tokens(tmp_path / "missing.npz")
+
+
+def test_a_heavy_atom_gets_its_own_bin():
+    x = np.concatenate([np.zeros(900), np.linspace(0.5, 1.0, 100)])
+    bins = fit_quantile(x, 10)
+    tokens = bins.encode(x, "x")
+    assert set(tokens[:900]) == {0} and 0 not in set(tokens[900:])
+    assert bins.values[0] == 0.0 and bins.num_bins <= 10

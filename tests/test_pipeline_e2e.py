@@ -37,11 +37,33 @@ def test_default_target_writes_the_models_table(produced):
     with open(project / "results" / "tables" / "models.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {(r["task"], r["model"]) for r in rows} == {
-        (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("gpt", "pc")
+        (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("gpt", "pc", "dt")
     }
     for row in rows:
         assert float(row["heldout_ll_per_token"]) < 0 and float(row["train_seconds"]) > 0
     assert (project / "results" / "tables" / "models.md").read_text().startswith("| task |")
+
+
+def test_summary_has_every_method_and_a_figure(produced):
+    project = produced["project"]
+    with open(project / "results" / "tables" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("dt", "tt", "trifle-s", "trifle-m")
+    }
+    for row in rows:
+        assert int(row["n_episodes"]) == 6 and 0.0 <= float(row["failure_rate"]) <= 1.0
+        assert float(row["step_seconds"]) > 0
+    assert (project / "results" / "figures" / "returns.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_builds_with_table_and_figure(produced):
+    project = produced["project"]
+    snakemake(project, "--report", "report.zip")
+    import zipfile
+
+    names = zipfile.ZipFile(project / "report.zip").namelist()
+    assert any(n.endswith("returns.png") for n in names) and any(n.endswith("summary.csv") for n in names)
 
 
 def test_every_output_has_provenance_and_every_job_a_log(produced):
@@ -61,7 +83,17 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         assert info.is_file(), output
         assert '"commit"' in info.read_text()
     logs = [p.relative_to(project / "logs").parts[0] for p in project.glob("logs/**/*.log")]
-    assert sorted(set(logs)) == ["dataset", "labels", "models_table.log", "tokens", "train_gpt", "train_pc"]
+    assert sorted(set(logs)) == [
+        "dataset",
+        "evaluate",
+        "labels",
+        "models_table.log",
+        "summary.log",
+        "tokens",
+        "train_dt",
+        "train_gpt",
+        "train_pc",
+    ]
 
 
 def test_second_run_has_nothing_to_do(produced):
@@ -78,7 +110,8 @@ def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
     for name in ("data", "results", ".snakemake"):
         run(["cp", "-a", str(project / name), str(changed / name)], produced["root"])
     counts = job_counts(snakemake(changed, "-n").stdout)
-    assert counts == {"train_pc": 2, "models_table": 1, "all": 1}
+    # The circuit feeds only the Trifle methods' evaluations, not tt or dt.
+    assert counts == {"train_pc": 2, "evaluate": 4, "models_table": 1, "summary": 1, "all": 1}
 
 
 def test_dvc_round_trip_restores_without_recomputation(produced):

@@ -15,7 +15,7 @@ from typing import Any
 from trifle.errors import ConfigError
 
 CONF_DIR = Path(__file__).parent / "conf"
-GROUPS = ("task", "gpt", "pc", "planner", "eval")
+GROUPS = ("task", "gpt", "pc", "dt", "planner", "eval")
 
 # Which top-level keys (dotted) each stage reads. The paths are excluded on purpose: Snakemake tracks
 # files itself, and a path change must not look like a hyperparameter change.
@@ -25,7 +25,20 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "tokens": ("task.name", "task.discretizer"),
     "train_gpt": ("task.name", "gpt", "seed", "device"),
     "train_pc": ("task.name", "pc", "task.pc_window", "seed"),
+    "train_dt": ("task.name", "dt", "seed", "device"),
+    "evaluate": (
+        "task.name",
+        "task.env",
+        "task.labels.discount",
+        "task.pc_window",
+        "task.dt_target_return",
+        "planner",
+        "eval",
+        "seed",
+        "device",
+    ),
     "tables": (),
+    "summary": (),
 }
 
 
@@ -134,6 +147,7 @@ def validate(cfg: dict[str, Any]) -> None:
     _validate_task(cfg)
     _validate_gpt(cfg)
     _validate_pc(cfg)
+    _validate_dt(cfg)
 
 
 def _validate_task(cfg: dict[str, Any]) -> None:
@@ -164,6 +178,13 @@ def _validate_gpt(cfg: dict[str, Any]) -> None:
     from trifle.models.gpt_training import resolve_config
 
     resolve_config(get(cfg, "gpt"))
+
+
+def _validate_dt(cfg: dict[str, Any]) -> None:
+    """The DT trainer owns its key checks, as the GPT trainer does."""
+    from trifle.models.dt_training import resolve_config
+
+    resolve_config(get(cfg, "dt"))
 
 
 def _validate_pc(cfg: dict[str, Any]) -> None:

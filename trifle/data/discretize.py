@@ -59,12 +59,23 @@ def fit_categorical(x: np.ndarray, categories: np.ndarray | None = None) -> Colu
 
 
 def fit_quantile(x: np.ndarray, n_bins: int) -> ColumnBins:
-    """Equal-mass bins; duplicate edges (ties in the data) are merged, so a column may get fewer bins."""
+    """Equal-mass bins; ties merge bins, and a value holding much of the mass gets a bin of its own.
+
+    Without the atom rule, a column that is mostly one value (e.g. zero returns in a sparse-reward task)
+    would share its bin with the nearest other values, erasing exactly the distinction that matters
+    (zero vs small positive return). Bin count never exceeds ``n_bins``.
+    """
     x = np.sort(np.asarray(x, np.float64))
     # Edges are data points, a bin holds the values below its upper edge; an edge equal to the minimum
     # would only create an empty first bin.
     at = np.minimum(np.ceil(np.linspace(0.0, 1.0, n_bins + 1)[1:-1] * len(x)).astype(np.int64), len(x) - 1)
     edges = np.unique(x[at])
+    values, counts = np.unique(x, return_counts=True)
+    for i in np.flatnonzero((counts >= 2 * len(x) / n_bins) & (values < x[-1])):
+        atom, above = values[i], values[i + 1]
+        if above in edges or len(edges) + 2 > n_bins:
+            continue  # already alone in its bin, or no room for another bin
+        edges = np.union1d(edges, [atom, np.nextafter(atom, np.inf)])
     edges = edges[edges > x[0]]
     tokens = np.searchsorted(edges, x, side="right")
     counts = np.bincount(tokens, minlength=len(edges) + 1)

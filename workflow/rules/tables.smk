@@ -11,7 +11,7 @@ rule models_table:
         "logs/models_table.log",
     params:
         code=code("tables"),
-        metrics=lambda wildcards, input: "[" + ",".join(input) + "]",
+        metrics=file_list,
     localrule: True
     threads: 1
     resources:
@@ -21,5 +21,40 @@ rule models_table:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle tables paths.model_metrics={params.metrics:q} paths.models_table={output.csv:q}"
+        "python -m trifle tables paths.model_metrics={params.metrics} paths.models_table={output.csv:q}"
         " > {log:q} 2>&1"
+
+
+rule summary:
+    input:
+        evaluation_files,
+    output:
+        csv=report(
+            "results/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="Results",
+            labels={"table": "summary"},
+        ),
+        md="results/tables/summary.md",
+        figure=report(
+            "results/figures/returns.png",
+            caption="../report/returns.rst",
+            category="Results",
+            labels={"figure": "returns"},
+        ),
+    log:
+        "logs/summary.log",
+    params:
+        code=code("summary"),
+        files=file_list,
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        gpu=0,
+    conda:
+        "../envs/trifle.yaml"
+    shell:
+        "python -m trifle summary paths.eval_files={params.files} paths.summary_table={output.csv:q}"
+        " paths.returns_figure={output.figure:q} > {log:q} 2>&1"

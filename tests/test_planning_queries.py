@@ -1,0 +1,232 @@
+"""Trifle's circuit queries against brute-force enumeration of a tiny circuit's joint distribution.
+
+Setting: one observation column (2 states), one action column (3 actions), a categorical reward
+(values -1, 5), a 3-bin value column, vocabulary 3, and a K = 2 window, so the circuit has 8 variables
+with 4 categories each (category 3 is the "episode over" pad). A small HCLT fitted by a few EM steps
+on random, correlated windows plays the true joint; every query is recomputed by summing its
+probabilities over all 4^8 assignments.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from trifle.data.discretize import ColumnBins, Discretizer
+from trifle.models.circuits import TorchCircuit, build_hclt, em_step
+from trifle.planning.circuit_queries import (
+    WindowLayout,
+    candidate_scores,
+    expected_multistep_value,
+    kept_bins,
+    value_distribution,
+)
+
+OBS, ACT, K, CATS = 1, 1, 2, 4
+D = OBS + ACT + 2
+PAD = CATS - 1
+REWARDS = np.array([-1.0, 5.0])
+VALUES = np.array([-2.0, 0.5, 4.0])
+NUM_BINS = [2, 3, 2, 3]  # obs, action, reward, value
+LAYOUT = WindowLayout(OBS, ACT, K, CATS)
+GAMMA = 0.9
+
+
+def _discretizer() -> Discretizer:
+    cat = lambda v: ColumnBins("categorical", np.zeros(0), np.asarray(v, np.float64))  # noqa: E731
+    columns = [
+        cat([0, 1]),
+        cat([0, 1, 2]),
+        cat(REWARDS),
+        ColumnBins("quantile", np.array([0.0, 2.0]), VALUES),
+    ]
+    return Discretizer(columns, ["obs", "act", "reward", "value"])
+
+
+def _windows(n: int, seed: int) -> torch.Tensor:
+    """Windows whose action, reward and value depend on the state and each other; some end early."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        window = []
+        for _ in range(K):
+            s = int(torch.randint(0, 2, (1,), generator=g))
+            a = (s + int(torch.randint(0, 2, (1,), generator=g))) % 3
+            r = int(a == 2 or torch.rand(1, generator=g) < 0.2)
+            v = min(2, r + s + int(torch.randint(0, 2, (1,), generator=g)))
+            window += [s, a, r, v]
+        if torch.rand(1, generator=g) < 0.3:
+            window[D:] = [PAD] * D  # the episode ended after the first transition
+        rows.append(window)
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="module")
+def circuit() -> TorchCircuit:
+    data = _windows(400, 0)
+    c = TorchCircuit.from_nodes(build_hclt(data, num_cats=CATS, num_latents=3, seed=1), dtype=torch.float64)
+    for _ in range(4):
+        em_step(c, [data], pseudocount=0.5)
+    return c
+
+
+@pytest.fixture(scope="module")
+def joint(circuit) -> tuple[torch.Tensor, torch.Tensor]:
+    allx = torch.tensor(list(itertools.product(range(CATS), repeat=K * D)))
+    return allx, circuit.log_prob(allx).exp()
+
+
+def _brute_value(allx, p, weight: torch.Tensor, var: int) -> torch.Tensor:
+    """p(V = j | evidence) over the value column's real bins, evidence given as per-assignment weights."""
+    mass = torch.stack([(p * weight * (allx[:, var] == j)).sum() for j in range(NUM_BINS[3])])
+    return mass / mass.sum()
+
+
+def _hard(allx, x_row: torch.Tensor, miss_row: torch.Tensor) -> torch.Tensor:
+    w = torch.ones(len(allx), dtype=torch.float64)
+    for v in range(K * D):
+        if not miss_row[v]:
+            w = w * (allx[:, v] == x_row[v])
+    return w
+
+
+def _evidence(obs: list[int], act: list[int | None]):
+    x, missing = LAYOUT.evidence(torch.tensor(obs)[:, None])
+    for b, a in enumerate(act):
+        if a is not None:
+            x[b, LAYOUT.act_var(0, 0)], missing[b, LAYOUT.act_var(0, 0)] = a, False
+    return x, missing
+
+
+def test_joint_is_a_distribution(joint):
+    assert abs(float(joint[1].sum()) - 1.0) < 1e-9
+
+
+def test_value_distribution_matches_enumeration(circuit, joint):
+    allx, p = joint
+    # Duplicate rows exercise the "one query per distinct evidence row" path.
+    x, missing = _evidence([0, 1, 0, 1, 0], [None, None, 2, 1, None])
+    got = value_distribution(circuit, x, missing, LAYOUT.value_var(0), NUM_BINS[3])
+    for b in range(len(x)):
+        want = _brute_value(allx, p, _hard(allx, x[b], missing[b]), LAYOUT.value_var(0))
+        torch.testing.assert_close(got[b], want, atol=1e-10, rtol=0)
+    torch.testing.assert_close(got[0], got[4])
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the state matters in this circuit
+
+
+@pytest.mark.parametrize(
+    ("top_ratio", "expected"),
+    [
+        (1.0, [True, True, True]),
+        (0.5, [True, True, True]),
+        (0.25, [False, True, True]),
+        (0.2, [False, False, True]),
+    ],
+)
+def test_threshold_keeps_the_top_mass_by_hand(top_ratio, expected):
+    """p = (0.5, 0.25, 0.25) has CDF (0.5, 0.75, 1): keep the bins with CDF >= 1 - top_ratio."""
+    probs = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    assert kept_bins(probs, top_ratio)[0].tolist() == expected
+
+
+def test_threshold_matches_a_quantile_loop(circuit):
+    x, missing = _evidence([0, 1], [None, 0])
+    probs = value_distribution(circuit, x, missing, LAYOUT.value_var(0), NUM_BINS[3])
+    for top_ratio in (0.1, 0.2, 0.45, 0.8):
+        got = kept_bins(probs, top_ratio)
+        for b in range(2):
+            running, want = 0.0, []
+            for q in probs[b].tolist():
+                running += q
+                want.append(running >= 1 - top_ratio - 1e-12)
+            assert got[b].tolist() == want
+            assert float(probs[b][got[b]].sum()) >= top_ratio - 1e-12
+
+
+def test_candidate_scores_match_enumeration(circuit, joint):
+    allx, p = joint
+    x, missing = _evidence([0, 1, 1], [None, None, None])
+    probs = value_distribution(circuit, x, missing, LAYOUT.value_var(0), NUM_BINS[3])
+    keep = kept_bins(probs, 0.3)
+    scores, dists = candidate_scores(circuit, x, missing, LAYOUT.act_var(0, 0), 3, LAYOUT.value_var(0), keep)
+    assert scores.shape == (3, 3) and dists.shape == (3, 3, 3)
+    for b in range(3):
+        for c in range(3):
+            weight = _hard(allx, x[b], missing[b]) * (allx[:, LAYOUT.act_var(0, 0)] == c)
+            want = _brute_value(allx, p, weight, LAYOUT.value_var(0))
+            torch.testing.assert_close(dists[b, c], want, atol=1e-10, rtol=0)
+            assert abs(float(scores[b, c]) - float(want[keep[b]].sum())) < 1e-10
+    assert float(scores[0].max() - scores[0].min()) > 1e-3  # candidates are told apart
+
+
+def test_candidate_scores_condition_on_earlier_choices(circuit, joint):
+    """Scoring a later variable (the second transition's action) given an earlier action as evidence."""
+    allx, p = joint
+    x, missing = _evidence([1, 0], [2, 0])
+    target = LAYOUT.value_var(1)
+    keep = torch.tensor([[False, True, True], [True, True, True]])
+    scores, _ = candidate_scores(circuit, x, missing, LAYOUT.act_var(1, 0), 3, target, keep)
+    for b in range(2):
+        for c in range(3):
+            weight = _hard(allx, x[b], missing[b]) * (allx[:, LAYOUT.act_var(1, 0)] == c)
+            want = _brute_value(allx, p, weight, target)
+            assert abs(float(scores[b, c]) - float(want[keep[b]].sum())) < 1e-10
+
+
+def _brute_multistep(allx, p, obs: int, plan: list[int]) -> float:
+    """Σ_h γ^h E[r_h] + γ^H E[V_{H-1}]; a later action may also be the pad; pad rewards/values are 0."""
+    weight = (allx[:, LAYOUT.obs_vars(0)[0]] == obs) & (allx[:, LAYOUT.act_var(0, 0)] == plan[0])
+    for h in range(1, len(plan)):
+        a = allx[:, LAYOUT.act_var(h, 0)]
+        weight = weight & ((a == plan[h]) | (a == PAD))
+    w = p * weight
+    w = w / w.sum()
+    reward_of = {j: REWARDS[j] for j in range(2)}
+    value_of = {j: VALUES[j] for j in range(3)}
+    total = 0.0
+    for h in range(len(plan)):
+        total += GAMMA**h * sum(
+            float(w[allx[:, LAYOUT.reward_var(h)] == j].sum()) * r for j, r in reward_of.items()
+        )
+    last = LAYOUT.value_var(len(plan) - 1)
+    total += GAMMA ** len(plan) * sum(float(w[allx[:, last] == j].sum()) * v for j, v in value_of.items())
+    return total
+
+
+def test_expected_multistep_value_matches_enumeration(circuit, joint):
+    allx, p = joint
+    disc = _discretizer()
+    obs = torch.tensor([[0], [1], [1], [0]])
+    for plan_rows in ([[0], [1], [2], [0]], [[0, 1], [2, 2], [1, 0], [0, 1]]):
+        actions = torch.tensor(plan_rows)[:, :, None]
+        got = expected_multistep_value(circuit, obs, actions, window=K, discount=GAMMA, discretizer=disc)
+        for b in range(4):
+            want = _brute_multistep(allx, p, int(obs[b, 0]), plan_rows[b])
+            assert abs(float(got[b]) - want) < 1e-9, (plan_rows[b], float(got[b]), want)
+    assert len(set(np.round(got.numpy(), 6))) == 3  # the plan changes the value (rows 0 and 3 agree)
+
+
+class _AdapterLike:
+    """Only the query API the pyjuice adapter offers (float32 results), nothing TorchCircuit-specific."""
+
+    def __init__(self, inner: TorchCircuit):
+        self._inner, self.num_vars, self.num_cats = inner, inner.num_vars, inner.num_cats
+
+    def conditional(self, x, missing, target_vars, soft_evidence=None):
+        return self._inner.conditional(x, missing, target_vars, soft_evidence=soft_evidence).float()
+
+
+def test_queries_need_only_the_adapter_api(circuit):
+    disc, wrapped = _discretizer(), _AdapterLike(circuit)
+    obs, actions = torch.tensor([[1], [0]]), torch.tensor([[[2], [0]], [[1], [1]]])
+    x, missing = _evidence([1, 0], [None, None])
+    a = expected_multistep_value(wrapped, obs, actions, window=K, discount=GAMMA, discretizer=disc)
+    b = expected_multistep_value(circuit, obs, actions, window=K, discount=GAMMA, discretizer=disc)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    va = value_distribution(wrapped, x, missing, LAYOUT.value_var(0), 3)
+    torch.testing.assert_close(
+        va, value_distribution(circuit, x, missing, LAYOUT.value_var(0), 3), atol=1e-6, rtol=0
+    )

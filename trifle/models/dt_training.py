@@ -1,0 +1,552 @@
+"""Train and load the Decision Transformer baseline on labeled (raw, undiscretized) trajectories.
+
+Follows the trajectory GPT's trainer (``gpt_training``) in everything but the model and the data:
+the model init is a function of ``seed``, the minibatch of optimizer step ``t`` a function of
+``(seed, t)`` and the dropout masks of step ``t`` come from a generator seeded with ``(seed, t)``, so a
+run resumed from ``<out_path>.partial.pt`` ends with bit-identical weights. Held-out episodes come
+from :func:`split_episodes` with the same seed, so DT and the GPT hold out the same episodes.
+
+Returns-to-go are DT's: the undiscounted sum of the rewards from step ``t`` to the episode's end,
+*including* ``r_t`` (unlike the labels' discounted ``V_t``, which starts after ``r_t``), divided by
+``return_scale`` before entering the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trifle.data.labels import LabeledTrajectories
+from trifle.data.windows import split_episodes
+from trifle.errors import CheckpointError, ConfigError, DataError
+from trifle.io import atomic_path
+from trifle.models.dt import DecisionTransformer, DTConfig
+from trifle.models.gpt_training import _derived_seed, _eval_subset, _seeded, batch_indices, learning_rate
+
+CHECKPOINT_FORMAT = "trifle-dt/1"
+PARTIAL_FORMAT = "trifle-dt-partial/1"
+
+#: DT's gym (D4RL) settings from the DT paper and ``gym/experiment.py``; the defaults of missing keys.
+DT_CONFIG: dict[str, Any] = {
+    "n_layer": 3,
+    "n_head": 1,
+    "n_embd": 128,
+    "dropout": 0.1,
+    "context_len": 20,
+    "batch_size": 64,
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-4,
+    "betas": (0.9, 0.999),
+    "grad_clip": 0.25,
+    "steps": 100_000,
+    "warmup_steps": 10_000,
+    "min_lr_fraction": 1.0,  # 1.0: constant after warmup (gym DT); < 1: cosine decay to this fraction
+    "return_scale": 1000.0,  # null: the largest |episode return| in the dataset
+    "valid_fraction": 0.05,
+    "eval_every": 10_000,
+    "eval_windows": 1024,
+    "checkpoint_every": 5_000,
+    "target_return": None,  # conditioning target for rollouts (raw units); null: the planner config's
+}
+
+#: Keys that only configure rollouts; they never change training, so a stage slice may leave them out.
+ROLLOUT_KEYS = ("target_return",)
+#: Keys that change the trained model (what a Snakemake rule for ``train_dt`` should depend on).
+TRAINING_KEYS = tuple(k for k in DT_CONFIG if k not in ROLLOUT_KEYS)
+
+# Keys whose change does not alter the trained weights, so a resume may ignore them.
+_RESUME_FREE_KEYS = {"checkpoint_every", *ROLLOUT_KEYS}
+
+
+def _int(cfg: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"dt.{key}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(cfg: Mapping[str, Any], key: str, low: float, high: float, *, open_low: bool = False) -> float:
+    value = cfg[key]
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"dt.{key}: expected a number in {bracket}{low}, {high}], got {cfg[key]!r}")
+    return value
+
+
+def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a DT config (missing keys take :data:`DT_CONFIG` values) and return plain types."""
+    unknown = sorted(set(cfg) - set(DT_CONFIG))
+    if unknown:
+        raise ConfigError(f"dt.{unknown[0]}: unknown key; known keys are {', '.join(sorted(DT_CONFIG))}")
+    full = {**DT_CONFIG, **dict(cfg)}
+    out: dict[str, Any] = {}
+    for key in ("n_layer", "n_head", "n_embd", "context_len", "batch_size", "steps", "eval_windows"):
+        out[key] = _int(full, key, 1)
+    for key in ("warmup_steps", "eval_every", "checkpoint_every"):
+        out[key] = _int(full, key, 0)
+    if out["n_embd"] % out["n_head"]:
+        raise ConfigError(f"dt.n_embd: {out['n_embd']} must be divisible by dt.n_head={out['n_head']}")
+    out["dropout"] = _float(full, "dropout", 0.0, 0.99)
+    out["learning_rate"] = _float(full, "learning_rate", 0.0, 10.0, open_low=True)
+    out["weight_decay"] = _float(full, "weight_decay", 0.0, 10.0)
+    out["grad_clip"] = _float(full, "grad_clip", 0.0, math.inf)
+    out["min_lr_fraction"] = _float(full, "min_lr_fraction", 0.0, 1.0)
+    out["valid_fraction"] = _float(full, "valid_fraction", 0.0, 0.99, open_low=True)
+    betas = full["betas"]
+    try:
+        betas = tuple(float(b) for b in betas)
+    except (TypeError, ValueError):
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"dt.betas: expected two numbers in [0, 1), got {full['betas']!r}")
+    out["betas"] = list(betas)
+    out["return_scale"] = (
+        None if full["return_scale"] is None else _float(full, "return_scale", 0.0, math.inf, open_low=True)
+    )
+    target = full["target_return"]
+    if target is not None:
+        target = _float(full, "target_return", -math.inf, math.inf)
+    out["target_return"] = target
+    return out
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def returns_to_go(rewards: np.ndarray, episode_starts: np.ndarray) -> np.ndarray:
+    """DT's return-to-go ``R_t = sum_{k >= t} r_k`` within each episode (float64, includes ``r_t``)."""
+    rewards = np.asarray(rewards, np.float64)
+    starts = np.asarray(episode_starts, np.int64)
+    ends = np.append(starts[1:], len(rewards))
+    # Suffix sums per episode via one reversed cumulative sum, restarted at every episode end.
+    suffix = np.cumsum(rewards[::-1])[::-1]
+    after_episode = np.append(suffix, 0.0)[ends]
+    return suffix - np.repeat(after_episode, ends - starts)
+
+
+def episode_timesteps(episode_starts: np.ndarray, num_rows: int) -> np.ndarray:
+    """Step index of every row within its episode (0 at each episode's first row)."""
+    starts = np.asarray(episode_starts, np.int64)
+    lengths = np.diff(np.append(starts, num_rows))
+    return np.arange(num_rows) - np.repeat(starts, lengths)
+
+
+def is_discrete(attrs: Mapping[str, Any]) -> bool:
+    """Discrete tasks carry both ``obs_cardinalities`` and ``num_actions`` (see ``d4rl_format``)."""
+    return "obs_cardinalities" in attrs and "num_actions" in attrs
+
+
+def _check_data(labeled: LabeledTrajectories) -> None:
+    """Reject data the model cannot represent, naming the array: better than a cryptic index error."""
+    obs, act = labeled.observations, labeled.actions
+    if obs.ndim != 2 or act.ndim != 2 or len(obs) != len(act) or len(act) != len(labeled.rewards):
+        raise DataError(
+            f"observations/actions/rewards: expected [N, obs_dim], [N, act_dim], [N], got "
+            f"{obs.shape}, {act.shape}, {labeled.rewards.shape}"
+        )
+    if is_discrete(labeled.attrs):
+        cards = np.asarray(labeled.attrs["obs_cardinalities"])
+        num_actions = int(labeled.attrs["num_actions"])
+        if (
+            cards.shape != (obs.shape[1],)
+            or np.any(obs != np.round(obs))
+            or np.any(obs < 0)
+            or np.any(obs >= cards)
+        ):
+            raise DataError(f"observations: expected integers in [0, obs_cardinalities={cards.tolist()})")
+        if act.shape[1] != 1 or np.any(act != np.round(act)) or np.any(act < 0) or np.any(act >= num_actions):
+            raise DataError(f"actions: expected [N, 1] integers in [0, num_actions={num_actions})")
+    elif np.abs(act).max(initial=0.0) > 1.0 + 1e-3:
+        raise DataError(
+            f"actions: the tanh action head needs continuous actions in [-1, 1], found max |a| = "
+            f"{np.abs(act).max():.4g}"
+        )
+
+
+def default_return_scale(rewards: np.ndarray, episode_starts: np.ndarray) -> float:
+    """The largest |episode return| (1.0 if all are 0), so scaled returns-to-go lie roughly in [-1, 1]."""
+    returns = np.add.reduceat(np.asarray(rewards, np.float64), np.asarray(episode_starts, np.int64))
+    largest = float(np.abs(returns).max(initial=0.0))
+    return largest if largest > 0 else 1.0
+
+
+def max_timestep(labeled: LabeledTrajectories) -> int:
+    """Size of the timestep embedding: the task's step limit when known, else the longest episode."""
+    longest = int(np.diff(np.append(labeled.episode_starts, len(labeled.rewards))).max())
+    limit = labeled.attrs.get("max_episode_steps")
+    return max(longest, int(limit)) if isinstance(limit, (int, np.integer)) else longest
+
+
+class DTWindows:
+    """All windows of ``context_len`` steps starting at any row of the chosen episodes.
+
+    Windows near an episode's end run past it; those steps are padding at the *end* (mask 0). Attention
+    is causal, so trailing padding never influences a valid prediction and no attention mask is needed.
+    """
+
+    def __init__(
+        self,
+        labeled: LabeledTrajectories,
+        rtg_scaled: np.ndarray,
+        context_len: int,
+        episode_ids: np.ndarray,
+    ) -> None:
+        n = len(labeled.rewards)
+        starts = np.asarray(labeled.episode_starts, np.int64)
+        ends = np.append(starts[1:], n)
+        ids = np.asarray(episode_ids, np.int64)
+        lengths = ends[ids] - starts[ids]
+        offset = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.first_row = np.repeat(starts[ids], lengths) + offset
+        self.end_row = np.repeat(ends[ids], lengths)
+        self.context_len = int(context_len)
+        self.observations = torch.from_numpy(np.asarray(labeled.observations, np.float32))
+        self.actions = torch.from_numpy(np.asarray(labeled.actions, np.float32))
+        self.rtg = torch.from_numpy(np.asarray(rtg_scaled, np.float32))
+        self.timesteps = torch.from_numpy(episode_timesteps(starts, n))
+
+    def __len__(self) -> int:
+        return len(self.first_row)
+
+    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """``(rtg [B, K], obs [B, K, obs_dim], actions [B, K, act_dim], timesteps [B, K], mask [B, K])``."""
+        idx = np.asarray(indices, np.int64)
+        rows = self.first_row[idx, None] + np.arange(self.context_len)[None, :]
+        valid = rows < self.end_row[idx, None]
+        rows = torch.from_numpy(np.minimum(rows, self.end_row[idx, None] - 1))
+        mask = torch.from_numpy(valid.astype(np.float32))
+        return self.rtg[rows], self.observations[rows], self.actions[rows], self.timesteps[rows], mask
+
+    def iter_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        for lo in range(0, len(indices), batch_size):
+            yield self.get(indices[lo : lo + batch_size])
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def model_config(cfg: Mapping[str, Any], labeled: LabeledTrajectories) -> DTConfig:
+    """The :class:`DTConfig` a resolved training config and a dataset imply."""
+    discrete = is_discrete(labeled.attrs)
+    return DTConfig(
+        obs_dim=int(labeled.observations.shape[1]),
+        act_dim=int(labeled.actions.shape[1]),
+        context_len=cfg["context_len"],
+        max_timestep=max_timestep(labeled),
+        obs_cardinalities=[int(c) for c in labeled.attrs["obs_cardinalities"]] if discrete else None,
+        num_actions=int(labeled.attrs["num_actions"]) if discrete else None,
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_embd=cfg["n_embd"],
+        dropout=cfg["dropout"],
+    )
+
+
+def _make_optimizer(model: DecisionTransformer, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW with weight decay on linear weights only (minGPT/DT-Atari: not biases, norms, embeddings)."""
+    decay = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in params.items() if n in decay], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]))
+
+
+def _fingerprint(labeled: LabeledTrajectories) -> dict:
+    """Shapes plus a content hash, so a partial checkpoint is never resumed on different data."""
+    digest = hashlib.sha256()
+    arrays = (
+        (labeled.observations, np.float32),
+        (labeled.actions, np.float32),
+        (labeled.rewards, np.float32),
+        (labeled.episode_starts, np.int64),
+        (labeled.episode_terminal, np.bool_),
+    )
+    for array, dtype in arrays:
+        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    return {
+        "rows": int(len(labeled.rewards)),
+        "obs_dim": int(labeled.observations.shape[1]),
+        "act_dim": int(labeled.actions.shape[1]),
+        "episodes": int(len(labeled.episode_starts)),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _partial_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".partial.pt")
+
+
+def _torch_load(path: Path, device: str | torch.device) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or "format" not in obj:
+        raise CheckpointError(f"{path}: not a trifle DT checkpoint (no 'format' entry)")
+    return obj
+
+
+def _check_partial(path: Path, saved: dict, current: dict) -> None:
+    """Raise CheckpointError naming the first setting that differs between ``saved`` and ``current``."""
+    if saved.get("format") != PARTIAL_FORMAT:
+        raise CheckpointError(f"{path}: format {saved.get('format')!r}, expected {PARTIAL_FORMAT!r}")
+    for section in ("seed", "data", "cfg"):
+        old, new = saved.get(section), current[section]
+        if section == "cfg":
+            old = {k: v for k, v in (old or {}).items() if k not in _RESUME_FREE_KEYS}
+            new = {k: v for k, v in new.items() if k not in _RESUME_FREE_KEYS}
+        if isinstance(new, dict) and isinstance(old, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    raise CheckpointError(
+                        f"{path}: cannot resume, {section}.{key} is {old.get(key)!r} in the checkpoint but "
+                        f"{new.get(key)!r} now (delete the file to start over)"
+                    )
+        elif old != new:
+            raise CheckpointError(
+                f"{path}: cannot resume, {section} is {old!r} in the checkpoint but {new!r} now"
+            )
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def score(model: DecisionTransformer, batches: Iterator[tuple[torch.Tensor, ...]]) -> dict[str, float | None]:
+    """Mean per-step ``loss`` (CE or MSE) in eval mode; discrete models add ``accuracy`` and ``ll``.
+
+    ``ll`` is the mean log-likelihood of the dataset actions in nats (the negated cross-entropy).
+    """
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0.0, 0.0
+    try:
+        for batch in batches:
+            rtg, obs, act, ts, mask = (t.to(model.device) for t in batch)
+            pred = model(rtg, obs, act, ts)
+            if model.cfg.discrete:
+                target = act[..., 0].round().long()
+                logp = torch.log_softmax(pred.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                total -= float((logp * mask).sum())
+                correct += float(((pred.argmax(-1) == target).float() * mask).sum())
+            else:
+                total += float((((pred - act) ** 2).mean(-1) * mask).sum())
+            count += float(mask.sum())
+    finally:
+        model.train(was_training)
+    loss = total / count if count else float("nan")
+    if not model.cfg.discrete:
+        return {"loss": loss, "accuracy": None, "ll": None}
+    return {"loss": loss, "accuracy": correct / count if count else float("nan"), "ll": -loss}
+
+
+def _train_step(
+    model: DecisionTransformer,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, ...],
+    lr: float,
+    grad_clip: float,
+    dropout_seed: int,
+) -> float:
+    """One AdamW step on ``batch``; dropout masks come from ``dropout_seed`` so a resume replays them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with _seeded(dropout_seed, model.device):
+        loss = model.action_loss(*(t.to(model.device) for t in batch))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def train_dt(
+    cfg: Mapping[str, Any],
+    *,
+    labeled: LabeledTrajectories,
+    seed: int,
+    out_path: str | Path,
+    progress: bool = True,
+    device: str = "cpu",
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train a :class:`DecisionTransformer` on ``labeled`` and save it at ``out_path``.
+
+    Resumes from ``<out_path>.partial.pt`` when present (written every ``checkpoint_every`` steps).
+    ``stop_after`` ends this call after that many optimizer steps, leaving the partial checkpoint for
+    a later call; the result then has ``completed: False``. Returns the metrics also stored in the
+    checkpoint.
+    """
+    cfg = resolve_config(cfg)
+    out_path = Path(out_path)
+    partial_path = _partial_path(out_path)
+    dev = torch.device(device)
+    _check_data(labeled)
+    mcfg = model_config(cfg, labeled)
+    starts = labeled.episode_starts
+    train_ids, valid_ids = split_episodes(starts, len(labeled.rewards), cfg["valid_fraction"], seed)
+    scale = cfg["return_scale"] or default_return_scale(labeled.rewards, starts)
+    rtg_scaled = returns_to_go(labeled.rewards, starts) / scale
+    train_windows = DTWindows(labeled, rtg_scaled, cfg["context_len"], train_ids)
+    valid_windows = DTWindows(labeled, rtg_scaled, cfg["context_len"], valid_ids)
+    total_steps = cfg["steps"]
+    identity = {"seed": int(seed), "data": _fingerprint(labeled), "cfg": cfg}
+
+    with _seeded(_derived_seed(seed, 0), dev):
+        model = DecisionTransformer(mcfg)
+    if not mcfg.discrete:
+        train_rows = np.concatenate(
+            [np.arange(s, e) for s, e in zip(starts[train_ids], labeled.episode_ends[train_ids], strict=True)]
+        )
+        obs = torch.from_numpy(np.asarray(labeled.observations[train_rows], np.float64))
+        model.obs_mean.copy_(obs.mean(0).float())
+        model.obs_std.copy_(obs.std(0).clamp_min(1e-6).float())
+    model.to(dev)
+    optimizer = _make_optimizer(model, cfg)
+    state = {"step": 0, "history": [], "loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
+    if partial_path.exists():
+        saved = _torch_load(partial_path, dev)
+        _check_partial(partial_path, saved, identity)
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {k: saved[k] for k in state}
+
+    def save_partial() -> None:
+        with atomic_path(partial_path) as tmp:
+            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": _cpu_state(model)}
+            torch.save({**payload, "optimizer": optimizer.state_dict(), **state}, tmp)
+
+    train_eval = _eval_subset(len(train_windows), cfg["eval_windows"])
+    valid_eval = _eval_subset(len(valid_windows), cfg["eval_windows"])
+
+    def evaluate() -> dict[str, Any]:
+        count = state["loss_count"]
+        train_score = score(model, train_windows.iter_batches(train_eval, 256))
+        valid_score = score(model, valid_windows.iter_batches(valid_eval, 256))
+        record = {
+            "step": state["step"],
+            "train_loss": state["loss_sum"] / count if count else float("nan"),
+            "train_eval_loss": train_score["loss"],
+            "heldout_loss": valid_score["loss"],
+            "train_accuracy": train_score["accuracy"],
+            "heldout_accuracy": valid_score["accuracy"],
+            "train_ll_per_token": train_score["ll"],
+            "heldout_ll_per_token": valid_score["ll"],
+        }
+        state["history"].append(record)
+        state["loss_sum"], state["loss_count"] = 0.0, 0
+        return record
+
+    began = time.perf_counter()
+    steps_this_call, heldout = 0, "?"
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="dt", disable=not progress, dynamic_ncols=True)
+    with bar:
+        while state["step"] < total_steps:
+            if stop_after is not None and steps_this_call >= stop_after:
+                state["seconds"] += time.perf_counter() - began
+                save_partial()
+                return {"completed": False, "steps": state["step"], "seconds": state["seconds"]}
+            step = state["step"]
+            batch = train_windows.get(batch_indices(seed, step, cfg["batch_size"], len(train_windows)))
+            lr = learning_rate(cfg, step, total_steps)
+            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], _derived_seed(seed, 2, step))
+            state["step"], steps_this_call = step + 1, steps_this_call + 1
+            state["loss_sum"] += loss
+            state["loss_count"] += 1
+            bar.update(1)
+            if cfg["eval_every"] and state["step"] % cfg["eval_every"] == 0 and state["step"] < total_steps:
+                heldout = f"{evaluate()['heldout_loss']:.3f}"
+            bar.set_postfix(loss=f"{loss:.3f}", heldout_loss=heldout, refresh=False)
+            if cfg["checkpoint_every"] and state["step"] % cfg["checkpoint_every"] == 0:
+                state["seconds"] += time.perf_counter() - began
+                began = time.perf_counter()
+                save_partial()
+
+    final = evaluate()  # the loop skips evaluating at the last step, so this record is never a duplicate
+    state["seconds"] += time.perf_counter() - began
+    metrics = {
+        "completed": True,
+        "discrete": mcfg.discrete,
+        "train_loss": final["train_loss"],
+        "train_eval_loss": final["train_eval_loss"],
+        "heldout_loss": final["heldout_loss"],
+        "train_accuracy": final["train_accuracy"],
+        "heldout_accuracy": final["heldout_accuracy"],
+        "train_ll_per_token": final["train_ll_per_token"],
+        "heldout_ll_per_token": final["heldout_ll_per_token"],
+        "return_scale": scale,
+        "steps": total_steps,
+        "seconds": state["seconds"],
+        "num_params": model.num_params(),
+        "num_train_windows": len(train_windows),
+        "num_heldout_windows": len(valid_windows),
+        "history": state["history"],
+    }
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "config": mcfg.to_dict(),
+        "train_config": cfg,
+        "seed": int(seed),
+        "return_scale": scale,
+        "state_dict": _cpu_state(model),
+        "metrics": metrics,
+        "data": {
+            **identity["data"],
+            "train_episodes": train_ids.tolist(),
+            "heldout_episodes": valid_ids.tolist(),
+        },
+    }
+    with atomic_path(out_path) as tmp:
+        torch.save(checkpoint, tmp)
+    partial_path.unlink(missing_ok=True)
+    return metrics
+
+
+def _plain(value: Any) -> Any:
+    """Tuples compare equal to lists here: a checkpoint stores ``obs_cardinalities`` as a list."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def load_dt(
+    path: str | Path, *, expect: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> tuple[DecisionTransformer, dict[str, Any]]:
+    """Load a checkpoint written by :func:`train_dt` as an eval-mode model on ``device``.
+
+    ``expect`` holds model-config values the caller relies on (e.g. ``obs_dim``, ``num_actions``,
+    ``obs_cardinalities``); a mismatch is a CheckpointError naming the key, expected and found values.
+    """
+    path = Path(path)
+    ckpt = _torch_load(path, device)
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+    stored = ckpt.get("config", {})
+    for key, value in (expect or {}).items():
+        if key not in stored:
+            raise CheckpointError(f"{path}: expected config key {key!r}, which the checkpoint does not have")
+        if _plain(stored[key]) != _plain(value):
+            raise CheckpointError(f"{path}: {key} expected {value!r}, found {stored[key]!r}")
+    try:
+        model = DecisionTransformer(DTConfig(**stored))
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, KeyError, RuntimeError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: config and weights do not form a valid model ({exc})") from exc
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,385 @@
+"""The evaluated planners ``tt``, ``trifle-s`` and ``trifle-m``: config checks, Trifle's hooks, the Policy.
+
+All three run TT's beam search (trifle.planning.beam) on the same GPT; they differ in two hooks:
+
+========== ================================================ ==========================================
+method     first-step action proposal                       value of a candidate plan
+========== ================================================ ==========================================
+tt         p_GPT(a^i | ...)                                 GPT: Σ γ^τ E[r_τ] + γ^{t+1} E[V_t]
+trifle-s   p_GPT(a^i | ...) · p_PC(V_t top | s, a^{<=i})    GPT, as tt (the released code, notes §1.6)
+trifle-m   same correction as trifle-s                      circuit: E[V^m] over the K-window (§1.5)
+========== ================================================ ==========================================
+
+The correction variable of both Trifle variants is the first transition's value token V_t (the
+discounted return after r_t) of the circuit's window: a distribution over a *sum* of window variables
+(V^m) is not a single-variable circuit query, so Eq. 4's p(V^m >= v | ...) is not computed; the
+multi-step quantity enters trifle-m through the beam's value instead (docs/planning.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trifle.data.discretize import Discretizer
+from trifle.data.tokens import TokenData
+from trifle.errors import ConfigError
+from trifle.models.gpt import TrajectoryGPT
+from trifle.planning.beam import BeamSettings, TokenSpec, beam_search
+from trifle.planning.circuit_queries import (
+    WindowLayout,
+    candidate_scores,
+    expected_multistep_value,
+    kept_bins,
+    value_distribution,
+)
+from trifle.planning.context import TokenHistory
+from trifle.planning.sampling import bin_values, column_masks
+
+METHODS = ("tt", "trifle-s", "trifle-m")
+TRIFLE_METHODS = ("trifle-s", "trifle-m")
+BEAM_KEYS = (
+    "method",
+    "beam_width",
+    "horizon",
+    "expansion_factor",
+    "k_obs",
+    "k_act",
+    "cdf_act",
+    "max_context_transitions",
+    "use_cache",
+)
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """A validated planner config."""
+
+    method: str
+    beam_width: int
+    horizon: int
+    expansion_factor: int
+    k_obs: int | None
+    k_act: int | None
+    cdf_act: float | None
+    max_context_transitions: int
+    use_cache: bool
+    top_ratio: float | None = None
+
+    def beam(self, discount: float) -> BeamSettings:
+        return BeamSettings(
+            beam_width=self.beam_width,
+            horizon=self.horizon,
+            expansion_factor=self.expansion_factor,
+            k_obs=self.k_obs,
+            k_act=self.k_act,
+            cdf_act=self.cdf_act,
+            discount=discount,
+            use_cache=self.use_cache,
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _int(cfg: Mapping[str, Any], key: str, minimum: int, *, optional: bool = False) -> int | None:
+    value = cfg[key]
+    if optional and value is None:
+        return None
+    if not _is_int(value) or value < minimum:
+        extra = " or null" if optional else ""
+        raise ConfigError(f"planner.{key}: expected an integer >= {minimum}{extra}, got {value!r}")
+    return int(value)
+
+
+def _fraction(
+    cfg: Mapping[str, Any], key: str, *, optional: bool = False, closed_top: bool = True
+) -> float | None:
+    """A number in (0, 1] (or (0, 1) when ``closed_top`` is false)."""
+    value = cfg[key]
+    if optional and value is None:
+        return None
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    ok = ok and float(value) > 0.0 and (float(value) <= 1.0 if closed_top else float(value) < 1.0)
+    if not ok:
+        interval = "(0, 1]" if closed_top else "(0, 1)"
+        extra = " or null" if optional else ""
+        raise ConfigError(f"planner.{key}: expected a number in {interval}{extra}, got {value!r}")
+    return float(value)
+
+
+def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
+    """Check every key of a planner config; a ConfigError names the offending ``planner.<key>``."""
+    method = cfg.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"planner.method: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    allowed = BEAM_KEYS + (("top_ratio",) if method in TRIFLE_METHODS else ())
+    for key in cfg:
+        if key not in allowed:
+            raise ConfigError(
+                f"planner.{key}: not a key of method {method!r}; valid keys: {', '.join(allowed)}"
+            )
+    for key in allowed:
+        if key not in cfg:
+            raise ConfigError(f"planner.{key}: missing (method {method!r} needs it)")
+    if not isinstance(cfg["use_cache"], bool):
+        raise ConfigError(f"planner.use_cache: expected true or false, got {cfg['use_cache']!r}")
+    return PlannerSettings(
+        method=method,
+        beam_width=_int(cfg, "beam_width", 1),
+        horizon=_int(cfg, "horizon", 1),
+        expansion_factor=_int(cfg, "expansion_factor", 1),
+        k_obs=_int(cfg, "k_obs", 1, optional=True),
+        k_act=_int(cfg, "k_act", 1, optional=True),
+        cdf_act=_fraction(cfg, "cdf_act", optional=True, closed_top=False),
+        max_context_transitions=_int(cfg, "max_context_transitions", 0),
+        use_cache=cfg["use_cache"],
+        top_ratio=_fraction(cfg, "top_ratio") if method in TRIFLE_METHODS else None,
+    )
+
+
+class CircuitProposal:
+    """Eq. 2 with the released code's threshold (notes §1.4, §1.7), for the first planning step.
+
+    For action dimension i: p(a^i = c) ∝ p_GPT(a^i = c | ...) · p_PC(V_t in kept | s_t, a^{<i}, a^i = c),
+    where "kept" are the bins of p_PC(V_t | s_t, a^{<i}) with CDF >= 1 - top_ratio; after a^i is
+    sampled the threshold distribution becomes the chosen candidate's p_PC(V_t | s_t, a^{<=i}).
+    """
+
+    def __init__(self, circuit, layout: WindowLayout, obs: torch.Tensor, top_ratio: float, value_bins: int):
+        self.circuit, self.layout, self.obs = circuit, layout, obs
+        self.top_ratio, self.value_bins = top_ratio, value_bins
+        self.value_var = layout.value_var(0)
+
+    def begin(self, env_of_row: torch.Tensor) -> None:
+        self.x, self.missing = self.layout.evidence(self.obs[env_of_row])
+        self.val_probs = value_distribution(
+            self.circuit, self.x, self.missing, self.value_var, self.value_bins
+        )
+
+    def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
+        keep = kept_bins(self.val_probs, self.top_ratio)
+        var = self.layout.act_var(0, dim)
+        scores, self.dists = candidate_scores(
+            self.circuit, self.x, self.missing, var, logp.size(1), self.value_var, keep
+        )
+        corrected = logp.double() + scores.log()
+        # A row where every GPT-supported candidate has zero circuit score keeps the GPT's proposal.
+        dead = ~torch.isfinite(corrected).any(dim=-1, keepdim=True)
+        return torch.where(dead, logp.double(), corrected)
+
+    def chosen(self, dim: int, tokens: torch.Tensor) -> None:
+        var = self.layout.act_var(0, dim)
+        self.x[:, var], self.missing[:, var] = tokens, False
+        self.val_probs = self.dists[torch.arange(tokens.size(0), device=tokens.device), tokens]
+
+
+class CircuitValue:
+    """m-Trifle's plan value: the circuit's E[V^m] given s_t and the planned actions (Algorithm 3)."""
+
+    def __init__(self, circuit, obs: torch.Tensor, window: int, discount: float, discretizer: Discretizer):
+        self.circuit, self.obs, self.window = circuit, obs, window
+        self.discount, self.discretizer = discount, discretizer
+
+    def __call__(self, step: int, env_of_row: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor):
+        return expected_multistep_value(
+            self.circuit,
+            self.obs[env_of_row],
+            actions,
+            window=self.window,
+            discount=self.discount,
+            discretizer=self.discretizer,
+        )
+
+
+class BeamPlanner:
+    """A :class:`trifle.planning.policy.Policy` that plans every step with TT's beam search."""
+
+    def __init__(
+        self,
+        settings: PlannerSettings,
+        model: TrajectoryGPT,
+        discretizer: Discretizer,
+        *,
+        obs_dim: int,
+        act_dim: int,
+        discount: float,
+        circuit=None,
+        circuit_window: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        self.settings, self.model, self.discretizer = settings, model.eval(), discretizer
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.circuit, self.circuit_window, self.discount = circuit, circuit_window, discount
+        self.device = torch.device(device)
+        self.beam = settings.beam(discount)
+        vocab = model.cfg.vocab_size
+        self.spec = TokenSpec(
+            obs_dim=obs_dim,
+            act_dim=act_dim,
+            masks=column_masks(discretizer.num_bins, vocab, obs_dim, act_dim).to(self.device),
+            reward_values=bin_values(discretizer.columns[-2].values, vocab + 1).to(self.device),
+            value_values=bin_values(discretizer.columns[-1].values, vocab + 1).to(self.device),
+        )
+        self.history = TokenHistory(discretizer, obs_dim, act_dim, settings.max_context_transitions)
+        self.generator: torch.Generator | None = None
+
+    def reset(self, num_envs: int, seed: int) -> None:
+        self.history.reset(num_envs)
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def _hooks(self, obs: torch.Tensor):
+        method = self.settings.method
+        if method == "tt":
+            return None, None
+        layout = WindowLayout(self.obs_dim, self.act_dim, self.circuit_window, self.circuit.num_cats)
+        value_bins = int(self.discretizer.num_bins[-1])
+        proposal = CircuitProposal(self.circuit, layout, obs, self.settings.top_ratio, value_bins)
+        if method == "trifle-s":
+            return proposal, None
+        return proposal, CircuitValue(self.circuit, obs, self.circuit_window, self.discount, self.discretizer)
+
+    def act(self, env_ids: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        if self.generator is None:
+            raise ConfigError("planner: call reset(num_envs, seed) before act()")
+        env_ids = np.asarray(env_ids, np.int64).reshape(-1)
+        self.history.observe(env_ids, obs)
+        tokens = np.zeros((len(env_ids), self.act_dim), np.int64)
+        for where, prefix, obs_tokens in self.history.prefix_groups(env_ids):
+            obs_tokens = obs_tokens.to(self.device)
+            proposal, value_fn = self._hooks(obs_tokens)
+            first = beam_search(
+                self.model,
+                prefix.to(self.device),
+                self.spec,
+                self.beam,
+                self.generator,
+                proposal=proposal,
+                value_fn=value_fn,
+            )
+            tokens[where] = first.cpu().numpy()
+        columns = self.discretizer.columns[self.obs_dim : self.obs_dim + self.act_dim]
+        return np.stack([c.values[tokens[:, i]] for i, c in enumerate(columns)], axis=1)
+
+    def record(self, env_ids: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
+        self.history.record(env_ids, actions, rewards)
+
+
+def check_circuit(settings: PlannerSettings, *, circuit_window: int, has_circuit: bool) -> None:
+    """A Trifle method needs a circuit, and trifle-m one whose window covers the horizon."""
+    if settings.method in TRIFLE_METHODS and not has_circuit:
+        raise ConfigError(
+            f"planner.method={settings.method!r} needs a trained circuit, but none was given "
+            "(circuit_path is None: run the train_pc stage)"
+        )
+    if settings.method == "trifle-m" and settings.horizon > circuit_window:
+        raise ConfigError(
+            f"planner.horizon={settings.horizon}: trifle-m scores plans with the circuit's window, "
+            f"which must cover the horizon, but the circuit was trained with task.pc_window={circuit_window}"
+        )
+
+
+def check_context(
+    settings: PlannerSettings, *, block_size: int, transition_dim: int, gpt_name: str = "the GPT"
+) -> None:
+    """Context plus plan must fit the GPT's trained block (positions are absolute; no cropping)."""
+    needed = (settings.max_context_transitions + settings.horizon) * transition_dim
+    if needed > block_size:
+        raise ConfigError(
+            f"planner.horizon={settings.horizon} + planner.max_context_transitions="
+            f"{settings.max_context_transitions} need {needed} tokens, but {gpt_name} was trained on "
+            f"block_size={block_size} ({block_size // transition_dim} transitions); lower one of them"
+        )
+
+
+def make_planner(
+    planner_cfg: Mapping[str, Any],
+    *,
+    model: TrajectoryGPT,
+    discretizer: Discretizer,
+    obs_dim: int,
+    act_dim: int,
+    discount: float,
+    circuit=None,
+    circuit_window: int = 1,
+    device: str | torch.device = "cpu",
+) -> BeamPlanner:
+    """A planner from in-memory models (``build_planner`` loads them from checkpoints first)."""
+    settings = validate_config(planner_cfg)
+    if not 0.0 <= float(discount) <= 1.0:
+        raise ConfigError(f"task.labels.discount: expected a number in [0, 1], got {discount!r}")
+    dim = obs_dim + act_dim + 2
+    check_circuit(settings, circuit_window=circuit_window, has_circuit=circuit is not None)
+    check_context(settings, block_size=model.cfg.block_size, transition_dim=dim)
+    if settings.method in TRIFLE_METHODS and circuit.num_vars != circuit_window * dim:
+        raise ConfigError(
+            f"task.pc_window={circuit_window}: expects a circuit over {circuit_window * dim} variables, "
+            f"the circuit has {circuit.num_vars}"
+        )
+    return BeamPlanner(
+        settings,
+        model.to(device),
+        discretizer,
+        obs_dim=obs_dim,
+        act_dim=act_dim,
+        discount=float(discount),
+        circuit=circuit if settings.method in TRIFLE_METHODS else None,
+        circuit_window=circuit_window,
+        device=device,
+    )
+
+
+def build_planner(
+    planner_cfg: Mapping[str, Any],
+    *,
+    gpt_path: str,
+    circuit_path: str | None,
+    tokens: TokenData,
+    circuit_window: int,
+    discount: float,
+    device: str = "cpu",
+) -> BeamPlanner:
+    """Validate the config, load the checkpoints (checking they fit ``tokens``) and build the planner.
+
+    Every failure happens here, before any rollout: bad keys (ConfigError naming ``planner.<key>``),
+    a plan longer than the GPT's context, a missing circuit or one whose window is too short, and
+    checkpoints trained on other data (CheckpointError from load_gpt / load_circuit).
+    """
+    from trifle.models.circuits import load_circuit
+    from trifle.models.gpt_training import load_gpt
+    from trifle.stages.train_pc import circuit_num_cats
+
+    settings = validate_config(planner_cfg)
+    dim = tokens.transition_dim
+    needs_circuit = settings.method in TRIFLE_METHODS
+    check_circuit(settings, circuit_window=circuit_window, has_circuit=circuit_path is not None)
+    expect = {"obs_dim": tokens.obs_dim, "act_dim": tokens.act_dim, "vocab_size": tokens.vocab_size}
+    model, _ = load_gpt(gpt_path, expect=expect, device=device)
+    check_context(
+        settings, block_size=model.cfg.block_size, transition_dim=dim, gpt_name=f"the GPT {gpt_path}"
+    )
+    circuit = None
+    if needs_circuit:
+        circuit = load_circuit(
+            circuit_path,
+            backend="torch" if torch.device(device).type == "cpu" else "auto",
+            device=device,
+            expect_num_vars=circuit_window * dim,
+            expect_num_cats=circuit_num_cats(tokens.vocab_size, circuit_window),
+        )
+    return make_planner(
+        planner_cfg,
+        model=model,
+        discretizer=tokens.discretizer,
+        obs_dim=tokens.obs_dim,
+        act_dim=tokens.act_dim,
+        discount=discount,
+        circuit=circuit,
+        circuit_window=circuit_window,
+        device=device,
+    )
