@@ -55,6 +55,23 @@ def test_cache_chunks_and_truncate_match_full_forward():
     torch.testing.assert_close(tail, model(other)[0][:, D:], atol=1e-5, rtol=0)
 
 
+def test_branching_from_one_cache_does_not_corrupt_either_branch():
+    """Caches share preallocated storage; extending the same cache twice must copy, not overwrite."""
+    model = tiny_model()
+    a, b = random_tokens(2, 2 * D, seed=3), random_tokens(2, 2 * D, seed=4)
+    b[:, :D] = a[:, :D]
+    _, root = model(a[:, :D], KVCache())
+    first, cache_a = model(a[:, D:], root)
+    second, cache_b = model(b[:, D:], root)  # a second branch from the same root
+    torch.testing.assert_close(first, model(a)[0][:, D:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, model(b)[0][:, D:], atol=1e-5, rtol=0)
+    # The first branch is still intact after the second wrote its own tokens.
+    nxt = random_tokens(2, 1, seed=5)[:, :1] % VOCAB
+    again, _ = model(nxt, cache_a)
+    full = model(torch.cat([a, nxt], dim=1))[0]
+    torch.testing.assert_close(again[:, 0], full[:, a.size(1)], atol=1e-5, rtol=0)
+
+
 def test_beam_select_and_repeat_interleave_keep_cache_consistent():
     """Mimic beam search: expand beams, extend each, keep the best ones, continue token by token."""
     model = tiny_model()

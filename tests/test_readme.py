@@ -3,14 +3,17 @@
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_readme_results_table_is_the_committed_pipeline_output():
+@pytest.mark.parametrize("table", ["models", "summary"])
+def test_readme_results_tables_are_the_committed_pipeline_output(table):
     readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- models-table:start -->\n(.*)<!-- models-table:end -->", readme, re.S)
-    assert block, "README lacks the models-table block"
-    assert block.group(1) == (REPO / "results" / "tables" / "models.md").read_text()
+    block = re.search(rf"<!-- {table}-table:start -->\n(.*)<!-- {table}-table:end -->", readme, re.S)
+    assert block, f"README lacks the {table}-table block"
+    assert block.group(1) == (REPO / "results" / "tables" / f"{table}.md").read_text()
 
 
 def test_ci_runs_the_readme_test_command():

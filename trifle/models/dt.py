@@ -166,7 +166,7 @@ class DecisionTransformer(nn.Module):
         ).reshape(B, 3 * T, self.cfg.n_embd)
         x = self.drop(self.embed_ln(tokens))
         for block in self.blocks:
-            x, _ = block(x, None)
+            x = block(x)
         state_hidden = self.ln_f(x)[:, 1::3]
         out = self.predict_action(state_hidden)
         return out if self.cfg.discrete else torch.tanh(out)

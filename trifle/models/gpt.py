@@ -72,39 +72,92 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer attention keys and values of the tokens seen so far, ``[B, n_head, T, head_dim]``.
+    """Per-layer attention keys and values of the tokens seen so far.
 
-    Immutable in spirit: ``forward`` and the beam helpers return new caches, so a planner can keep
-    an old cache around (e.g. to branch) without it being overwritten.
+    Storage is preallocated ``[B, n_head, capacity, head_dim]`` per layer and filled up to ``length``,
+    so feeding one token writes one slot instead of copying the whole cache (concatenation made
+    planning quadratic in the context). Caches returned by ``forward`` share storage with the cache
+    passed in, but remain immutable in effect: tokens are only ever written past the end of the cache
+    that is extended, and a second extension of the same cache (a branch) copies first.
     """
 
-    def __init__(self, keys: list[torch.Tensor] | None = None, values: list[torch.Tensor] | None = None):
+    def __init__(
+        self,
+        keys: list[torch.Tensor] | None = None,
+        values: list[torch.Tensor] | None = None,
+        length: int | None = None,
+        _frontier: list[int] | None = None,
+    ):
         self.keys = list(keys or [])
         self.values = list(values or [])
+        self._length = (self.keys[0].size(2) if self.keys else 0) if length is None else int(length)
+        # Highest position written into the shared storage, shared by every cache that uses it.
+        self._frontier = _frontier if _frontier is not None else [self._length]
 
     @property
     def length(self) -> int:
         """Number of cached tokens (the absolute position of the next token)."""
-        return self.keys[0].size(2) if self.keys else 0
+        return self._length
 
     @property
     def batch_size(self) -> int:
         return self.keys[0].size(0) if self.keys else 0
 
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].size(2) if self.keys else 0
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer ``i``'s cached keys and values, ``[B, n_head, length, head_dim]``."""
+        return self.keys[i][:, :, : self._length], self.values[i][:, :, : self._length]
+
+    def writable(self, extra: int) -> bool:
+        """Whether ``extra`` tokens can be written in place (no other cache has written past us)."""
+        return bool(self.keys) and self._frontier[0] == self._length and self._length + extra <= self.capacity
+
+    def extended(self, extra: int) -> KVCache:
+        """The cache that will hold ``extra`` more tokens, sharing this cache's storage."""
+        self._frontier[0] = self._length + extra
+        return KVCache(self.keys, self.values, self._length + extra, self._frontier)
+
     def _map(self, fn) -> KVCache:
-        return KVCache([fn(k) for k in self.keys], [fn(v) for v in self.values])
+        return KVCache([fn(k) for k in self.keys], [fn(v) for v in self.values], self._length)
+
+    def with_capacity(self, capacity: int) -> KVCache:
+        """A private copy whose storage holds at least ``capacity`` tokens."""
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(t.size(0), t.size(1), max(capacity, self._length), t.size(3))
+            out[:, :, : self._length] = t[:, :, : self._length]
+            return out
+
+        return self._map(grow)
 
     def select(self, batch_indices: torch.Tensor) -> KVCache:
         """Keep (and reorder, or duplicate) beams: row ``i`` of the result is old row ``batch_indices[i]``."""
-        return self._map(lambda t: t.index_select(0, batch_indices.to(t.device)))
+        n = self._length
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(len(batch_indices), t.size(1), t.size(2), t.size(3))
+            out[:, :, :n] = t[:, :, :n].index_select(0, batch_indices.to(t.device))
+            return out
+
+        return self._map(pick)
 
     def repeat_interleave(self, n: int) -> KVCache:
         """Expand each beam into ``n`` consecutive copies, matching ``x.repeat_interleave(n, dim=0)``."""
-        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+        length = self._length
+
+        def repeat(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(t.size(0), n, t.size(1), t.size(2), t.size(3))
+            out[:, :, :, :length] = t[:, None, :, :length]  # one broadcast copy of the filled part
+            return out.view(t.size(0) * n, t.size(1), t.size(2), t.size(3))
+
+        return self._map(repeat)
 
     def truncate(self, length: int) -> KVCache:
         """Forget every token from position ``length`` on (e.g. to re-sample the tail of a plan)."""
-        return self._map(lambda t: t[:, :, :length])
+        return KVCache(self.keys, self.values, min(int(length), self._length), self._frontier)
 
 
 class CausalSelfAttention(nn.Module):
@@ -116,23 +169,29 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, slot: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        """``slot`` = (key storage, value storage, number of cached tokens): this call's keys and values
+        are written into the storage after the cached ones, and attention reads the filled part."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if slot is not None:
+            k_store, v_store, n_cached = slot
+            k_store[:, :, n_cached : n_cached + T] = k
+            v_store[:, :, n_cached : n_cached + T] = v
+            k, v = k_store[:, :, : n_cached + T], v_store[:, :, : n_cached + T]
         n_past = k.size(2) - T
         dropout = self.dropout if self.training else 0.0
         if n_past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:
+            # A single new token may attend to every key: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             # Query i sits at absolute position n_past + i and may see every key up to there.
             allowed = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.proj(y)), (k, v)
+        return self.resid_drop(self.proj(y))
 
 
 class Block(nn.Module):
@@ -151,11 +210,10 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, kv = self.attn(self.ln1(x), past)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), kv
+        self, x: torch.Tensor, slot: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), slot)
+        return x + self.mlp(self.ln2(x))
 
 
 class TrajectoryGPT(nn.Module):
@@ -219,14 +277,25 @@ class TrajectoryGPT(nn.Module):
         columns = self._columns(start, T, idx.device)
         emb_idx = torch.where(idx == V, V * D, idx + columns * V)
         x = self.drop(self.tok_emb(emb_idx) + self.pos_emb[:, start : start + T])
-        new_keys, new_values = [], []
+        if cache is not None:
+            cache = self._room(cache, B, T, x.dtype)
         for i, block in enumerate(self.blocks):
-            past = (cache.keys[i], cache.values[i]) if cache is not None and cache.keys else None
-            x, (k, v) = block(x, past)
-            new_keys.append(k)
-            new_values.append(v)
+            x = block(x, (cache.keys[i], cache.values[i], past_len) if cache is not None else None)
         logits = self._heads(self.ln_f(x), start)
-        return logits, (KVCache(new_keys, new_values) if cache is not None else None)
+        return logits, (cache.extended(T) if cache is not None else None)
+
+    def _room(self, cache: KVCache, batch: int, extra: int, dtype: torch.dtype) -> KVCache:
+        """A cache whose storage can take ``extra`` more tokens in place (allocating or copying if not)."""
+        if cache.writable(extra):
+            return cache
+        if cache.keys:
+            return cache.with_capacity(self.cfg.block_size)
+        head_dim = self.cfg.n_embd // self.cfg.n_head
+        shape = (batch, self.cfg.n_head, self.cfg.block_size, head_dim)
+        device = self.pos_emb.device
+        keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.blocks]
+        values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.blocks]
+        return KVCache(keys, values, 0)
 
     def _heads(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Apply column ``(start + t) % D``'s output head to position ``t`` of ``x [B, T, n_embd]``."""
