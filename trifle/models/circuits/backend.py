@@ -169,12 +169,17 @@ class PyjuiceCircuit:
         miss[:, targets] = True
         if soft_evidence is None:
             return juice.queries.conditional(self.pc, data=data, missing_mask=miss, target_vars=targets)
-        weights = soft_evidence.to(self.device, torch.float32).clone()
-        own = weights[:, targets, :].clone()
-        weights[:, targets, :] = 1.0
-        ev, _ = self._soft(data, miss, weights)
-        probs = juice.queries.conditional(self.pc, data=ev, target_vars=targets) * own
-        return probs / probs.sum(dim=-1, keepdim=True)
+        # pyjuice replaces a target's weights by 1, so each target is queried on its own with the
+        # other targets' soft evidence kept, and its own weights applied afterwards (as TorchCircuit).
+        out = []
+        for t in targets:
+            weights = soft_evidence.to(self.device, torch.float32).clone()
+            own = weights[:, t : t + 1, :].clone()
+            weights[:, t, :] = 1.0
+            ev, _ = self._soft(data, miss, weights)
+            probs = juice.queries.conditional(self.pc, data=ev, target_vars=[t]) * own
+            out.append(probs / probs.sum(dim=-1, keepdim=True))
+        return torch.cat(out, dim=1)
 
     def __repr__(self) -> str:
         return f"PyjuiceCircuit(num_vars={self.num_vars}, num_cats={self.num_cats}, device={self.device})"
