@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--gpt-steps", type=int, default=400)
     parser.add_argument("--pc-epochs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache-dir", type=Path, default=REPO / "results" / "checkpoints" / "planning-speed")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "planning-speed")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "planning_speed.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
