@@ -76,8 +76,11 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
     outputs += [
         *project.glob("results/checkpoints/*/*/seed0.jpc"),
         project / "results" / "tables" / "models.csv",
+        *project.glob("results/eval/*/*/seed0.json"),
+        project / "results" / "tables" / "summary.csv",
     ]
-    assert len(outputs) == 11
+    # data: raw, labeled, tokens; checkpoints: gpt, dt, pc (per task); tables; 8 evaluations.
+    assert len(outputs) == 3 * 2 + 3 * 2 + 1 + 8 + 1
     for output in outputs:
         info = Path(f"{output}.run.json")
         assert info.is_file(), output
