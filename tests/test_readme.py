@@ -9,11 +9,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("table", ["models", "summary"])
-def test_readme_results_tables_are_the_committed_pipeline_output(table):
+def test_readme_results_tables_are_the_published_pipeline_output(table):
     readme = (REPO / "README.md").read_text()
     block = re.search(rf"<!-- {table}-table:start -->\n(.*)<!-- {table}-table:end -->", readme, re.S)
     assert block, f"README lacks the {table}-table block"
-    assert block.group(1) == (REPO / "results" / "tables" / f"{table}.md").read_text()
+    assert block.group(1) == (REPO / "docs" / "results" / f"{table}.md").read_text()
 
 
 def test_ci_runs_the_readme_test_command():
