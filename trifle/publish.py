@@ -27,7 +27,12 @@ def publish(root: Path = Path(".")) -> None:
         with atomic_path(docs / f"{name}.md") as tmp:
             tmp.write_text(table)
         block = f"<!-- {name}-table:start -->\n{table}<!-- {name}-table:end -->"
-        text = re.sub(rf"<!-- {name}-table:start -->\n.*?<!-- {name}-table:end -->", lambda _m, b=block: b, text, flags=re.S)
+        text = re.sub(
+            rf"<!-- {name}-table:start -->\n.*?<!-- {name}-table:end -->",
+            lambda _m, b=block: b,
+            text,
+            flags=re.S,
+        )
     for name in FIGURES:
         with atomic_path(docs / name) as tmp:
             shutil.copyfile(results / "figures" / name, tmp)
