@@ -9,7 +9,8 @@ import torch
 from trifle.errors import CheckpointError, ConfigError
 from trifle.models import gpt_training
 from trifle.models.gpt import GPTConfig, KVCache, TrajectoryGPT
-from trifle.models.gpt_training import batch_indices, learning_rate, load_gpt, resolve_config, train_gpt
+from trifle.models.gpt_training import load_gpt, resolve_config, train_gpt
+from trifle.models.training_common import batch_indices, learning_rate
 
 OBS, ACT, VOCAB = 3, 2, 11
 D = OBS + ACT + 2

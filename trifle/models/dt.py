@@ -18,7 +18,6 @@ kinds share the architecture, decided by whether ``obs_cardinalities``/``num_act
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trifle.errors import ConfigError
-from trifle.models.gpt import Block
+from trifle.models.gpt import Block, init_gpt2_weights
 
 
 @dataclass
@@ -110,15 +109,7 @@ class DecisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """GPT-2 init (N(0, 0.02), zero biases); residual projections scaled by 1/sqrt(2 n_layer)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        init_gpt2_weights(self, self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -29,7 +29,19 @@ from trifle.data.windows import split_episodes
 from trifle.errors import CheckpointError, ConfigError, DataError
 from trifle.io import atomic_path
 from trifle.models.dt import DecisionTransformer, DTConfig
-from trifle.models.gpt_training import _derived_seed, _eval_subset, _seeded, batch_indices, learning_rate
+from trifle.models.training_common import (
+    batch_indices,
+    check_partial,
+    cpu_state,
+    derived_seed,
+    eval_subset,
+    float_setting,
+    int_setting,
+    learning_rate,
+    load_checkpoint,
+    partial_path,
+    seeded,
+)
 
 CHECKPOINT_FORMAT = "trifle-dt/1"
 PARTIAL_FORMAT = "trifle-dt-partial/1"
@@ -66,25 +78,6 @@ TRAINING_KEYS = tuple(k for k in DT_CONFIG if k not in ROLLOUT_KEYS)
 _RESUME_FREE_KEYS = {"checkpoint_every", *ROLLOUT_KEYS}
 
 
-def _int(cfg: Mapping[str, Any], key: str, minimum: int) -> int:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"dt.{key}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _float(cfg: Mapping[str, Any], key: str, low: float, high: float, *, open_low: bool = False) -> float:
-    value = cfg[key]
-    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ConfigError(f"dt.{key}: expected a number in {bracket}{low}, {high}], got {cfg[key]!r}")
-    return value
-
-
 def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a DT config (missing keys take :data:`DT_CONFIG` values) and return plain types."""
     unknown = sorted(set(cfg) - set(DT_CONFIG))
@@ -93,17 +86,17 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     full = {**DT_CONFIG, **dict(cfg)}
     out: dict[str, Any] = {}
     for key in ("n_layer", "n_head", "n_embd", "context_len", "batch_size", "steps", "eval_windows"):
-        out[key] = _int(full, key, 1)
+        out[key] = int_setting(full, "dt", key, 1)
     for key in ("warmup_steps", "eval_every", "checkpoint_every"):
-        out[key] = _int(full, key, 0)
+        out[key] = int_setting(full, "dt", key, 0)
     if out["n_embd"] % out["n_head"]:
         raise ConfigError(f"dt.n_embd: {out['n_embd']} must be divisible by dt.n_head={out['n_head']}")
-    out["dropout"] = _float(full, "dropout", 0.0, 0.99)
-    out["learning_rate"] = _float(full, "learning_rate", 0.0, 10.0, open_low=True)
-    out["weight_decay"] = _float(full, "weight_decay", 0.0, 10.0)
-    out["grad_clip"] = _float(full, "grad_clip", 0.0, math.inf)
-    out["min_lr_fraction"] = _float(full, "min_lr_fraction", 0.0, 1.0)
-    out["valid_fraction"] = _float(full, "valid_fraction", 0.0, 0.99, open_low=True)
+    out["dropout"] = float_setting(full, "dt", "dropout", 0.0, 0.99)
+    out["learning_rate"] = float_setting(full, "dt", "learning_rate", 0.0, 10.0, open_low=True)
+    out["weight_decay"] = float_setting(full, "dt", "weight_decay", 0.0, 10.0)
+    out["grad_clip"] = float_setting(full, "dt", "grad_clip", 0.0, math.inf)
+    out["min_lr_fraction"] = float_setting(full, "dt", "min_lr_fraction", 0.0, 1.0)
+    out["valid_fraction"] = float_setting(full, "dt", "valid_fraction", 0.0, 0.99, open_low=True)
     betas = full["betas"]
     try:
         betas = tuple(float(b) for b in betas)
@@ -113,11 +106,13 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"dt.betas: expected two numbers in [0, 1), got {full['betas']!r}")
     out["betas"] = list(betas)
     out["return_scale"] = (
-        None if full["return_scale"] is None else _float(full, "return_scale", 0.0, math.inf, open_low=True)
+        None
+        if full["return_scale"] is None
+        else float_setting(full, "dt", "return_scale", 0.0, math.inf, open_low=True)
     )
     target = full["target_return"]
     if target is not None:
-        target = _float(full, "target_return", -math.inf, math.inf)
+        target = float_setting(full, "dt", "target_return", -math.inf, math.inf)
     out["target_return"] = target
     return out
 
@@ -286,48 +281,6 @@ def _fingerprint(labeled: LabeledTrajectories) -> dict:
     }
 
 
-def _partial_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".partial.pt")
-
-
-def _torch_load(path: Path, device: str | torch.device) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, dict) or "format" not in obj:
-        raise CheckpointError(f"{path}: not a trifle DT checkpoint (no 'format' entry)")
-    return obj
-
-
-def _check_partial(path: Path, saved: dict, current: dict) -> None:
-    """Raise CheckpointError naming the first setting that differs between ``saved`` and ``current``."""
-    if saved.get("format") != PARTIAL_FORMAT:
-        raise CheckpointError(f"{path}: format {saved.get('format')!r}, expected {PARTIAL_FORMAT!r}")
-    for section in ("seed", "data", "cfg"):
-        old, new = saved.get(section), current[section]
-        if section == "cfg":
-            old = {k: v for k, v in (old or {}).items() if k not in _RESUME_FREE_KEYS}
-            new = {k: v for k, v in new.items() if k not in _RESUME_FREE_KEYS}
-        if isinstance(new, dict) and isinstance(old, dict):
-            for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
-                    raise CheckpointError(
-                        f"{path}: cannot resume, {section}.{key} is {old.get(key)!r} in the checkpoint but "
-                        f"{new.get(key)!r} now (delete the file to start over)"
-                    )
-        elif old != new:
-            raise CheckpointError(
-                f"{path}: cannot resume, {section} is {old!r} in the checkpoint but {new!r} now"
-            )
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 @torch.no_grad()
 def score(model: DecisionTransformer, batches: Iterator[tuple[torch.Tensor, ...]]) -> dict[str, float | None]:
     """Mean per-step ``loss`` (CE or MSE) in eval mode; discrete models add ``accuracy`` and ``ll``.
@@ -368,7 +321,7 @@ def _train_step(
     """One AdamW step on ``batch``; dropout masks come from ``dropout_seed`` so a resume replays them."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with _seeded(dropout_seed, model.device):
+    with seeded(dropout_seed, model.device):
         loss = model.action_loss(*(t.to(model.device) for t in batch))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -397,7 +350,7 @@ def train_dt(
     """
     cfg = resolve_config(cfg)
     out_path = Path(out_path)
-    partial_path = _partial_path(out_path)
+    partial = partial_path(out_path)
     dev = torch.device(device)
     _check_data(labeled)
     mcfg = model_config(cfg, labeled)
@@ -410,7 +363,7 @@ def train_dt(
     total_steps = cfg["steps"]
     identity = {"seed": int(seed), "data": _fingerprint(labeled), "cfg": cfg}
 
-    with _seeded(_derived_seed(seed, 0), dev):
+    with seeded(derived_seed(seed, 0), dev):
         model = DecisionTransformer(mcfg)
     if not mcfg.discrete:
         train_rows = np.concatenate(
@@ -422,20 +375,22 @@ def train_dt(
     model.to(dev)
     optimizer = _make_optimizer(model, cfg)
     state = {"step": 0, "history": [], "loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
-    if partial_path.exists():
-        saved = _torch_load(partial_path, dev)
-        _check_partial(partial_path, saved, identity)
+    if partial.exists():
+        saved = load_checkpoint(partial, dev, "DT")
+        check_partial(
+            partial, saved, identity, partial_format=PARTIAL_FORMAT, resume_free_keys=_RESUME_FREE_KEYS
+        )
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in state}
 
     def save_partial() -> None:
-        with atomic_path(partial_path) as tmp:
-            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": _cpu_state(model)}
+        with atomic_path(partial) as tmp:
+            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": cpu_state(model)}
             torch.save({**payload, "optimizer": optimizer.state_dict(), **state}, tmp)
 
-    train_eval = _eval_subset(len(train_windows), cfg["eval_windows"])
-    valid_eval = _eval_subset(len(valid_windows), cfg["eval_windows"])
+    train_eval = eval_subset(len(train_windows), cfg["eval_windows"])
+    valid_eval = eval_subset(len(valid_windows), cfg["eval_windows"])
 
     def evaluate() -> dict[str, Any]:
         count = state["loss_count"]
@@ -468,7 +423,7 @@ def train_dt(
             step = state["step"]
             batch = train_windows.get(batch_indices(seed, step, cfg["batch_size"], len(train_windows)))
             lr = learning_rate(cfg, step, total_steps)
-            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], _derived_seed(seed, 2, step))
+            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], derived_seed(seed, 2, step))
             state["step"], steps_this_call = step + 1, steps_this_call + 1
             state["loss_sum"] += loss
             state["loss_count"] += 1
@@ -507,7 +462,7 @@ def train_dt(
         "train_config": cfg,
         "seed": int(seed),
         "return_scale": scale,
-        "state_dict": _cpu_state(model),
+        "state_dict": cpu_state(model),
         "metrics": metrics,
         "data": {
             **identity["data"],
@@ -517,7 +472,7 @@ def train_dt(
     }
     with atomic_path(out_path) as tmp:
         torch.save(checkpoint, tmp)
-    partial_path.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     return metrics
 
 
@@ -535,7 +490,7 @@ def load_dt(
     ``obs_cardinalities``); a mismatch is a CheckpointError naming the key, expected and found values.
     """
     path = Path(path)
-    ckpt = _torch_load(path, device)
+    ckpt = load_checkpoint(path, device, "DT")
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
     stored = ckpt.get("config", {})

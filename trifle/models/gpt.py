@@ -160,6 +160,18 @@ class KVCache:
         return KVCache(self.keys, self.values, min(int(length), self._length), self._frontier)
 
 
+def init_gpt2_weights(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """GPT-2 init (N(0, 0.02), zero biases); residual projections scaled by 1/sqrt(2 n_layer)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+    for block in blocks:
+        for proj in (block.attn.proj, block.mlp[2]):
+            nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(blocks)))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -238,15 +250,7 @@ class TrajectoryGPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """GPT-2 init (N(0, 0.02), zero biases); residual projections scaled by 1/sqrt(2 n_layer)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        init_gpt2_weights(self, self.blocks)
         nn.init.normal_(self.head_weight, std=0.02)
         nn.init.normal_(self.pos_emb, std=0.02)
 

@@ -9,11 +9,10 @@ steps as an uninterrupted one, and ends with bit-identical weights (same machine
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,19 @@ from trifle.data.windows import TransitionWindows, split_episodes
 from trifle.errors import CheckpointError, ConfigError
 from trifle.io import atomic_path
 from trifle.models.gpt import GPTConfig, TrajectoryGPT
+from trifle.models.training_common import (
+    batch_indices,
+    check_partial,
+    cpu_state,
+    derived_seed,
+    eval_subset,
+    float_setting,
+    int_setting,
+    learning_rate,
+    load_checkpoint,
+    partial_path,
+    seeded,
+)
 
 CHECKPOINT_FORMAT = "trifle-gpt/1"
 PARTIAL_FORMAT = "trifle-gpt-partial/1"
@@ -61,25 +73,6 @@ SMALL_CONFIG: dict[str, Any] = {**TT_CONFIG, "n_layer": 2, "n_head": 2, "n_embd"
 _RESUME_FREE_KEYS = {"checkpoint_every"}
 
 
-def _int(cfg: Mapping[str, Any], key: str, minimum: int) -> int:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"gpt.{key}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _float(cfg: Mapping[str, Any], key: str, low: float, high: float, *, open_low: bool = False) -> float:
-    value = cfg[key]
-    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ConfigError(f"gpt.{key}: expected a number in {bracket}{low}, {high}], got {cfg[key]!r}")
-    return value
-
-
 def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a training config (missing keys take :data:`TT_CONFIG` values) and return plain types."""
     unknown = sorted(set(cfg) - set(TT_CONFIG))
@@ -88,19 +81,19 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     full = {**TT_CONFIG, **dict(cfg)}
     out: dict[str, Any] = {}
     for key in ("n_layer", "n_head", "n_embd", "seq_transitions", "batch_size", "eval_windows"):
-        out[key] = _int(full, key, 1)
+        out[key] = int_setting(full, "gpt", key, 1)
     for key in ("warmup_steps", "eval_every", "checkpoint_every"):
-        out[key] = _int(full, key, 0)
+        out[key] = int_setting(full, "gpt", key, 0)
     if out["n_embd"] % out["n_head"]:
         raise ConfigError(f"gpt.n_embd: {out['n_embd']} must be divisible by gpt.n_head={out['n_head']}")
-    out["dropout"] = _float(full, "dropout", 0.0, 0.99)
-    out["learning_rate"] = _float(full, "learning_rate", 0.0, 10.0, open_low=True)
-    out["weight_decay"] = _float(full, "weight_decay", 0.0, 10.0)
-    out["grad_clip"] = _float(full, "grad_clip", 0.0, math.inf)
-    out["min_lr_fraction"] = _float(full, "min_lr_fraction", 0.0, 1.0)
-    out["valid_fraction"] = _float(full, "valid_fraction", 0.0, 0.99, open_low=True)
+    out["dropout"] = float_setting(full, "gpt", "dropout", 0.0, 0.99)
+    out["learning_rate"] = float_setting(full, "gpt", "learning_rate", 0.0, 10.0, open_low=True)
+    out["weight_decay"] = float_setting(full, "gpt", "weight_decay", 0.0, 10.0)
+    out["grad_clip"] = float_setting(full, "gpt", "grad_clip", 0.0, math.inf)
+    out["min_lr_fraction"] = float_setting(full, "gpt", "min_lr_fraction", 0.0, 1.0)
+    out["valid_fraction"] = float_setting(full, "gpt", "valid_fraction", 0.0, 0.99, open_low=True)
     for key in ("action_weight", "reward_weight", "value_weight"):
-        out[key] = _float(full, key, 0.0, math.inf)
+        out[key] = float_setting(full, "gpt", key, 0.0, math.inf)
     betas = full["betas"]
     try:
         betas = tuple(float(b) for b in betas)
@@ -111,8 +104,10 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["betas"] = list(betas)
     if (full["steps"] is None) == (full["epochs"] is None):
         raise ConfigError("gpt.steps / gpt.epochs: set exactly one of them (the other must be null)")
-    out["steps"] = None if full["steps"] is None else _int(full, "steps", 1)
-    out["epochs"] = None if full["epochs"] is None else _float(full, "epochs", 0.0, math.inf, open_low=True)
+    out["steps"] = None if full["steps"] is None else int_setting(full, "gpt", "steps", 1)
+    out["epochs"] = (
+        None if full["epochs"] is None else float_setting(full, "gpt", "epochs", 0.0, math.inf, open_low=True)
+    )
     return out
 
 
@@ -131,48 +126,6 @@ def model_config(cfg: Mapping[str, Any], obs_dim: int, act_dim: int, vocab_size:
         reward_weight=cfg["reward_weight"],
         value_weight=cfg["value_weight"],
     )
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block under ``torch.manual_seed(seed)`` without disturbing the caller's RNG streams."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _derived_seed(seed: int, *path: int) -> int:
-    """A well-mixed 63-bit seed for sub-stream ``path`` of ``seed`` (init, dropout of step t, ...)."""
-    return int(np.random.SeedSequence([int(seed), *path]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def batch_indices(seed: int, step: int, batch_size: int, num_windows: int) -> np.ndarray:
-    """Window indices of optimizer step ``step``: slice ``step`` of a per-epoch random permutation.
-
-    A pure function of its arguments, so a resumed run draws exactly the batches it would have.
-    """
-    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
-    epochs, offsets = np.divmod(positions, num_windows)
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng(np.random.SeedSequence([int(seed), 1, int(epoch)])).permutation(
-            num_windows
-        )
-        sel = epochs == epoch
-        out[sel] = perm[offsets[sel]]
-    return out
-
-
-def learning_rate(cfg: Mapping[str, Any], step: int, total_steps: int) -> float:
-    """Linear warmup to ``learning_rate``, then cosine decay to ``min_lr_fraction`` of it (as TT)."""
-    base = cfg["learning_rate"]
-    if step < cfg["warmup_steps"]:
-        return base * (step + 1) / cfg["warmup_steps"]
-    span = max(1, total_steps - cfg["warmup_steps"])
-    progress = min(1.0, (step - cfg["warmup_steps"]) / span)
-    floor = cfg["min_lr_fraction"]
-    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def _make_optimizer(model: TrajectoryGPT, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
@@ -200,55 +153,6 @@ def _fingerprint(tokens: np.ndarray, episode_starts: np.ndarray, episode_termina
     }
 
 
-def _eval_subset(num_windows: int, limit: int) -> np.ndarray:
-    """At most ``limit`` evenly spaced window indices: deterministic and covering all episodes."""
-    if num_windows <= limit:
-        return np.arange(num_windows)
-    return np.unique(np.linspace(0, num_windows - 1, limit).round().astype(np.int64))
-
-
-def _partial_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".partial.pt")
-
-
-def _torch_load(path: Path, device: str | torch.device) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, dict) or "format" not in obj:
-        raise CheckpointError(f"{path}: not a trifle GPT checkpoint (no 'format' entry)")
-    return obj
-
-
-def _check_partial(path: Path, saved: dict, current: dict) -> None:
-    """Raise CheckpointError naming the first setting that differs between ``saved`` and ``current``."""
-    if saved.get("format") != PARTIAL_FORMAT:
-        raise CheckpointError(f"{path}: format {saved.get('format')!r}, expected {PARTIAL_FORMAT!r}")
-    for section in ("seed", "data", "cfg"):
-        old, new = saved.get(section), current[section]
-        if section == "cfg":
-            old = {k: v for k, v in (old or {}).items() if k not in _RESUME_FREE_KEYS}
-            new = {k: v for k, v in new.items() if k not in _RESUME_FREE_KEYS}
-        if isinstance(new, dict) and isinstance(old, dict):
-            for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
-                    raise CheckpointError(
-                        f"{path}: cannot resume, {section}.{key} is {old.get(key)!r} in the checkpoint but "
-                        f"{new.get(key)!r} now (delete the file to start over)"
-                    )
-        elif old != new:
-            raise CheckpointError(
-                f"{path}: cannot resume, {section} is {old!r} in the checkpoint but {new!r} now"
-            )
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def _train_step(
     model: TrajectoryGPT,
     optimizer: torch.optim.Optimizer,
@@ -261,7 +165,7 @@ def _train_step(
     device = model.head_bias.device
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with _seeded(dropout_seed, device):
+    with seeded(dropout_seed, device):
         loss = model.loss(*(t.to(device) for t in batch))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -295,7 +199,7 @@ def train_gpt(
     """
     cfg = resolve_config(cfg)
     out_path = Path(out_path)
-    partial_path = _partial_path(out_path)
+    partial = partial_path(out_path)
     dev = torch.device(device)
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] != obs_dim + act_dim + 2:
@@ -311,25 +215,27 @@ def train_gpt(
     total_steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(train_windows) / cfg["batch_size"])
     identity = {"seed": int(seed), "data": _fingerprint(tokens, episode_starts, episode_terminal), "cfg": cfg}
 
-    with _seeded(_derived_seed(seed, 0), dev):
+    with seeded(derived_seed(seed, 0), dev):
         model = TrajectoryGPT(mcfg)
     model.to(dev)
     optimizer = _make_optimizer(model, cfg)
     state = {"step": 0, "history": [], "loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
-    if partial_path.exists():
-        saved = _torch_load(partial_path, dev)
-        _check_partial(partial_path, saved, identity)
+    if partial.exists():
+        saved = load_checkpoint(partial, dev, "GPT")
+        check_partial(
+            partial, saved, identity, partial_format=PARTIAL_FORMAT, resume_free_keys=_RESUME_FREE_KEYS
+        )
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in state}
 
     def save_partial() -> None:
-        with atomic_path(partial_path) as tmp:
-            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": _cpu_state(model)}
+        with atomic_path(partial) as tmp:
+            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": cpu_state(model)}
             torch.save({**payload, "optimizer": optimizer.state_dict(), **state}, tmp)
 
-    train_eval = _eval_subset(len(train_windows), cfg["eval_windows"])
-    valid_eval = _eval_subset(len(valid_windows), cfg["eval_windows"])
+    train_eval = eval_subset(len(train_windows), cfg["eval_windows"])
+    valid_eval = eval_subset(len(valid_windows), cfg["eval_windows"])
 
     def evaluate() -> dict[str, float]:
         count = state["loss_count"]
@@ -356,7 +262,7 @@ def train_gpt(
             step = state["step"]
             batch = train_windows.get(batch_indices(seed, step, cfg["batch_size"], len(train_windows)))
             lr = learning_rate(cfg, step, total_steps)
-            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], _derived_seed(seed, 2, step))
+            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], derived_seed(seed, 2, step))
             state["step"], steps_this_call = step + 1, steps_this_call + 1
             state["loss_sum"] += loss
             state["loss_count"] += 1
@@ -389,7 +295,7 @@ def train_gpt(
         "config": mcfg.to_dict(),
         "train_config": cfg,
         "seed": int(seed),
-        "state_dict": _cpu_state(model),
+        "state_dict": cpu_state(model),
         "metrics": metrics,
         "data": {
             **identity["data"],
@@ -399,7 +305,7 @@ def train_gpt(
     }
     with atomic_path(out_path) as tmp:
         torch.save(checkpoint, tmp)
-    partial_path.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     return metrics
 
 
@@ -412,7 +318,7 @@ def load_gpt(
     ``vocab_size``); any mismatch is a CheckpointError naming the key, the expected and found values.
     """
     path = Path(path)
-    ckpt = _torch_load(path, device)
+    ckpt = load_checkpoint(path, device, "GPT")
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
     stored = ckpt.get("config", {})

@@ -8,9 +8,34 @@ from pathlib import Path
 from typing import Any
 
 from trifle.errors import DataError
-from trifle.io import atomic_path, read_json
+from trifle.io import atomic_path, read_json, write_json
 
 MODEL_COLUMNS = ("task", "model", "seed", "train_ll_per_token", "heldout_ll_per_token", "train_seconds")
+
+
+def write_model_metrics(
+    cfg: dict[str, Any],
+    model: str,
+    metrics: dict[str, Any],
+    *,
+    train_ll: float | None,
+    heldout_ll: float | None,
+    **extra: Any,
+) -> None:
+    """Write a training stage's ``paths.<model>_metrics`` file in the layout :func:`run` tabulates."""
+    write_json(
+        cfg["paths"][f"{model}_metrics"],
+        {
+            "task": cfg["task"]["name"],
+            "model": model,
+            "seed": cfg["seed"],
+            **extra,
+            "train_ll_per_token": train_ll,
+            "heldout_ll_per_token": heldout_ll,
+            "train_seconds": metrics["seconds"],
+            "details": metrics,
+        },
+    )
 
 
 def _row(path: Path) -> dict[str, Any]:

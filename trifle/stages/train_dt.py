@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from trifle.data.labels import load_labeled
-from trifle.io import write_json
 from trifle.models.dt_training import train_dt
 from trifle.stages.devices import resolve_device
+from trifle.stages.tables import write_model_metrics
 
 
 def run(cfg: dict[str, Any]) -> Path:
@@ -24,16 +24,7 @@ def run(cfg: dict[str, Any]) -> Path:
     )
     # For discrete actions the per-token log-likelihood is that of the dataset actions (nats), the
     # quantity comparable across models; a continuous DT is a regressor and has none (null).
-    write_json(
-        cfg["paths"]["dt_metrics"],
-        {
-            "task": cfg["task"]["name"],
-            "model": "dt",
-            "seed": cfg["seed"],
-            "train_ll_per_token": metrics["train_ll_per_token"],
-            "heldout_ll_per_token": metrics["heldout_ll_per_token"],
-            "train_seconds": metrics["seconds"],
-            "details": metrics,
-        },
+    write_model_metrics(
+        cfg, "dt", metrics, train_ll=metrics["train_ll_per_token"], heldout_ll=metrics["heldout_ll_per_token"]
     )
     return out

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from trifle.data.tokens import load_tokens
-from trifle.io import write_json
 from trifle.models.gpt_training import train_gpt
 from trifle.stages.devices import resolve_device
+from trifle.stages.tables import write_model_metrics
 
 
 def run(cfg: dict[str, Any]) -> Path:
@@ -27,16 +27,11 @@ def run(cfg: dict[str, Any]) -> Path:
         progress=cfg["progress"],
         device=resolve_device(cfg["device"]),
     )
-    write_json(
-        cfg["paths"]["gpt_metrics"],
-        {
-            "task": cfg["task"]["name"],
-            "model": "gpt",
-            "seed": cfg["seed"],
-            "train_ll_per_token": metrics["train_ll_per_token"],
-            "heldout_ll_per_token": metrics["heldout_ll_per_token"],
-            "train_seconds": metrics["seconds"],
-            "details": metrics,
-        },
+    write_model_metrics(
+        cfg,
+        "gpt",
+        metrics,
+        train_ll=metrics["train_ll_per_token"],
+        heldout_ll=metrics["heldout_ll_per_token"],
     )
     return out

@@ -10,8 +10,8 @@ import torch
 from trifle.data.circuit_windows import circuit_windows
 from trifle.data.tokens import load_tokens
 from trifle.data.windows import split_episodes
-from trifle.io import write_json
 from trifle.models.circuits.training import train_circuit
+from trifle.stages.tables import write_model_metrics
 
 
 def circuit_num_cats(vocab_size: int, window: int) -> int:
@@ -53,17 +53,12 @@ def run(cfg: dict[str, Any]) -> Path:
         backend=pc["backend"],
         progress=cfg["progress"],
     )
-    write_json(
-        cfg["paths"]["pc_metrics"],
-        {
-            "task": cfg["task"]["name"],
-            "model": "pc",
-            "seed": cfg["seed"],
-            "window": window,
-            "train_ll_per_token": metrics["train_ll_per_var"],
-            "heldout_ll_per_token": metrics["heldout_ll_per_var"],
-            "train_seconds": metrics["seconds"],
-            "details": metrics,
-        },
+    write_model_metrics(
+        cfg,
+        "pc",
+        metrics,
+        train_ll=metrics["train_ll_per_var"],
+        heldout_ll=metrics["heldout_ll_per_var"],
+        window=window,
     )
     return out

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from trifle.errors import CheckpointError, ConfigError
 from trifle.io import atomic_path
+from trifle.models.training_common import partial_path
 
 from .backend import resolve_backend, save_circuit
 from .hclt import build_hclt, validate_tokens
@@ -119,10 +120,6 @@ def _fingerprint(train: torch.Tensor, valid: torch.Tensor, settings: dict) -> di
     }
 
 
-def _partial_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".partial.pt")
-
-
 def _load_partial(path: Path, fingerprint: dict) -> dict | None:
     """Return the saved state if ``path`` exists and was made with the same settings and data."""
     if not path.exists():
@@ -214,18 +211,25 @@ def _validate_settings(train, valid, num_cats: int, epochs: int, batch_size: int
         raise ConfigError(f"pseudocount: expected a finite number >= 0, got {pseudocount!r}")
 
 
+def _resume(
+    circuit: TorchCircuit, out_path: Path, fingerprint: dict, epochs: int
+) -> tuple[Path, int, list, float]:
+    """Load a matching partial checkpoint into ``circuit``: (its path, epochs done, history, seconds)."""
+    partial = partial_path(out_path)
+    state = _load_partial(partial, fingerprint)
+    if state is None:
+        return partial, 0, [], 0.0
+    if state["epoch"] > epochs:
+        raise CheckpointError(f"{partial}: already holds {state['epoch']} epochs but epochs={epochs}")
+    circuit.set_params(state["input_params"], state["sum_params"])
+    return partial, state["epoch"], list(state["history"]), float(state["seconds"])
+
+
 def _train_torch(
     root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress
 ) -> dict:
     circuit = TorchCircuit.from_nodes(root_ns)
-    partial = _partial_path(out_path)
-    state = _load_partial(partial, fingerprint)
-    start, history, seconds = 0, [], 0.0
-    if state is not None:
-        if state["epoch"] > epochs:
-            raise CheckpointError(f"{partial}: already holds {state['epoch']} epochs but epochs={epochs}")
-        circuit.set_params(state["input_params"], state["sum_params"])
-        start, history, seconds = state["epoch"], list(state["history"]), float(state["seconds"])
+    partial, start, history, seconds = _resume(circuit, out_path, fingerprint, epochs)
     num_vars = train.size(1)
     batches = _batches(train.long(), batch_size)
     for epoch in tqdm(
@@ -301,15 +305,8 @@ def _train_pyjuice(
 
     device = torch.device("cuda")
     circuit = TorchCircuit.from_nodes(root_ns)
-    partial = _partial_path(out_path)
-    state = _load_partial(partial, fingerprint)
-    start, history, seconds = 0, [], 0.0
-    if state is not None:
-        if state["epoch"] > epochs:
-            raise CheckpointError(f"{partial}: already holds {state['epoch']} epochs but epochs={epochs}")
-        circuit.set_params(state["input_params"], state["sum_params"])
-        circuit.write_to_nodes(root_ns)
-        start, history, seconds = state["epoch"], list(state["history"]), float(state["seconds"])
+    partial, start, history, seconds = _resume(circuit, out_path, fingerprint, epochs)
+    circuit.write_to_nodes(root_ns)
     pc = juice.compile(root_ns)
     pc.to(device)
     batches = _batches(train.long(), batch_size)
