@@ -21,5 +21,4 @@ include: "workflow/rules/tables.smk"
 rule all:
     default_target: True
     input:
-        rules.models_table.output,
-        rules.summary.output,
+        final_targets(),

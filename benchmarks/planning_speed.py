@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 
+from trifle.config import compose
 from trifle.data.circuit_windows import circuit_windows
 from trifle.data.labels import label_trajectories
 from trifle.data.tokens import load_tokens, save_tokens, tokenize
@@ -147,7 +148,8 @@ def main() -> None:
     rollouts = {}
     for method in METHODS:
         for use_cache in (True, False):
-            cfg = {**_yaml(CONF / "planner" / f"{method}.yaml"), "use_cache": use_cache}
+            composed = compose(["task=taxi-stochastic", f"planner={method}"])["planner"]
+            cfg = {**composed, "use_cache": use_cache}
             planner = build_planner(
                 cfg,
                 gpt_path=str(gpt_path),

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from trifle.data.discretize import ColumnBins, Discretizer
 from trifle.data.tokens import TokenData
@@ -231,6 +230,7 @@ def models():
 
 def _cfg(method: str, **overrides) -> dict:
     cfg = dict(
+        name=method,
         method=method,
         beam_width=3,
         horizon=3,
@@ -240,6 +240,7 @@ def _cfg(method: str, **overrides) -> dict:
         cdf_act=None,
         max_context_transitions=2,
         use_cache=True,
+        constrained=False,
     )
     if method != "tt":
         cfg["top_ratio"] = 0.2
@@ -351,7 +352,10 @@ def test_build_planner_from_checkpoints_plans(files):
         (_cfg("tt", expansion_factor=0), {}, ConfigError, "planner.expansion_factor"),
         (_cfg("tt", cdf_act=1.0), {}, ConfigError, "planner.cdf_act"),
         (_cfg("tt", use_cache="yes"), {}, ConfigError, "planner.use_cache"),
-        (_cfg("tt", horizon=4), {}, ConfigError, "block_size"),  # (2 + 4) * 5 > 25 tokens
+        # A plan may outgrow the block (TT crops it), but the prefix must fit: 5 * 5 + 1 + 1 > 25 tokens.
+        (_cfg("tt", max_context_transitions=5), {}, ConfigError, "block_size"),
+        (_cfg("tt", constrained=True), {}, ConfigError, "task.action_constraint"),
+        (_cfg("tt", name=""), {}, ConfigError, "planner.name"),
         (_cfg("trifle-m", horizon=3), {"window": 2}, ConfigError, "task.pc_window"),
         (_cfg("trifle-s"), {"circuit": False}, ConfigError, "circuit"),
         (_cfg("trifle-s"), {"window": 2}, CheckpointError, "num_vars"),
@@ -367,13 +371,28 @@ def test_invalid_settings_fail_before_any_rollout(files, cfg, kwargs, error, nam
         _build(files, cfg, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["tt", "trifle-s", "trifle-m"])
+@pytest.mark.parametrize("method", ["tt", "trifle-s", "trifle-m", "tt-safe", "trifle-s-safe"])
 def test_shipped_configs_are_valid_and_fit_the_small_gpt_on_taxi(method):
-    cfg = yaml.safe_load((CONF / "planner" / f"{method}.yaml").read_text())
-    settings = validate_config(cfg)
-    assert settings.method == method and settings.beam_width == 8 and settings.horizon == 3
-    seq = yaml.safe_load((CONF / "gpt" / "small.yaml").read_text())["seq_transitions"]
+    from trifle.config import compose
+
+    cfg = compose(["task=taxi-stochastic", f"planner={method}"])
+    settings = validate_config(cfg["planner"])
+    assert settings.name == method and settings.constrained == method.endswith("-safe")
+    assert settings.method == method.removesuffix("-safe")
+    assert settings.beam_width == 8 and settings.horizon == 3  # the task's planning settings
     taxi_dim = 4 + 1 + 2
-    check_context(settings, block_size=seq * taxi_dim, transition_dim=taxi_dim)
-    taxi_window = yaml.safe_load((CONF / "task" / "taxi-stochastic.yaml").read_text())["pc_window"]
-    assert settings.horizon <= taxi_window
+    block = cfg["gpt"]["seq_transitions"] * taxi_dim
+    check_context(settings, block_size=block, transition_dim=taxi_dim, obs_dim=4)
+    assert settings.horizon <= cfg["task"]["pc_window"]
+
+
+@pytest.mark.parametrize("task", ["hopper-medium-v2", "walker2d-medium-replay-v2"])
+def test_mujoco_tasks_carry_the_released_codes_planning_settings(task):
+    from trifle.config import compose
+
+    settings = validate_config(compose([f"task={task}", "planner=trifle-s"])["planner"])
+    assert (settings.beam_width, settings.expansion_factor, settings.max_context_transitions) == (32, 2, 5)
+    if task.startswith("walker2d-medium-replay"):
+        assert (settings.horizon, settings.k_act, settings.cdf_act) == (20, 40, None)
+    else:
+        assert (settings.horizon, settings.k_act, settings.cdf_act) == (5, None, 0.6)

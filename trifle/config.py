@@ -32,6 +32,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "task.labels.discount",
         "task.pc_window",
         "task.dt_target_return",
+        "task.action_constraint",
         "planner",
         "eval",
         "seed",
@@ -39,6 +40,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "tables": (),
     "summary": (),
+    "mujoco_tables": (),
 }
 
 
@@ -57,7 +59,7 @@ def _check_choices(overrides: Sequence[str]) -> None:
             )
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=8192)
 def _compose_cached(overrides: tuple[str, ...]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -171,6 +173,9 @@ def _validate_task(cfg: dict[str, Any]) -> None:
             kind in ("categorical", "quantile"), f"task.discretizer.{field}", "categorical or quantile", kind
         )
     _positive_int(cfg, "task.pc_window")
+    from trifle.planning.constraints import parse_constraint
+
+    parse_constraint(get(cfg, "task.action_constraint"))
 
 
 def _validate_gpt(cfg: dict[str, Any]) -> None:

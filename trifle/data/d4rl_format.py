@@ -91,7 +91,7 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
         with h5py.File(p, "r") as f:
             arrays: dict[str, np.ndarray] = {}
             f.visititems(
-                lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+                lambda name, obj: arrays.__setitem__(name, obj[()]) if _is_step_array(name, obj) else None
             )
             attrs = {key: _decode_attr(value) for key, value in f.attrs.items()}
     except OSError as err:
@@ -99,6 +99,12 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
     _validate(p, arrays, attrs)
     required = {key: arrays.pop(key) for key in REQUIRED_DTYPES}
     return Dataset(**required, extras=arrays, attrs=attrs)
+
+
+def _is_step_array(name: str, obj: Any) -> bool:
+    """Per-step arrays only: D4RL's policy datasets also hold ``metadata/*`` (the behaviour policy's
+    weights and description), which is not one row per step and no stage reads."""
+    return isinstance(obj, h5py.Dataset) and not name.startswith("metadata/")
 
 
 def _cast(path: str | os.PathLike[str], key: str, value: np.ndarray, dtype: type) -> np.ndarray:

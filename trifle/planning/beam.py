@@ -17,6 +17,22 @@ The first action of each environment's best sequence is returned (re-planning ev
 ``GPTStream`` hides the two ways of running the GPT: with a KV cache (one token's forward pass for
 the whole batch per sampled token) or, like TT, re-running the whole sequence for every token.
 Both see the same tokens and draw the same random numbers, so they choose the same actions.
+
+Context cropping (TT's ``forward(..., crop_increment=transition_dim)``): context plus plan may be longer
+than the GPT's ``block_size``. The GPT's positions are absolute and a sequence must start at a transition
+boundary, so whenever the ``L`` tokens of a row exceed the block, the oldest
+``ceil((L - block_size) / D) * D`` tokens (whole transitions) are dropped and the model runs on the rest
+from position 0. The next-token log-probabilities therefore always come from the last <= block_size
+tokens that start a transition. Without a cache that is simply the window re-run per token; with a cache,
+a token that would overflow the cached window drops the oldest transition and *rebuilds* the cache by
+running the new window (new token included) from position 0, since cached keys carry positional
+embeddings of their old positions and cannot be shifted. Once the block is full this happens once per D
+fed tokens (at every transition's first token), each rebuild a forward pass over about
+``block_size - D + 1`` tokens of the current rows; the tokens in between cost one token's pass each.
+
+Action columns may allow any subset of their bins (``TokenSpec.masks``, e.g. an action constraint);
+the hook and the filters see the GPT's log-probs over the column's ``action_bins`` with the disallowed
+bins at -inf, and the mask is applied again after the hook, so a disallowed action is never sampled.
 """
 
 from __future__ import annotations
@@ -44,31 +60,71 @@ class BeamSettings:
     use_cache: bool = True
 
 
+def crop_offset(length: int, block_size: int, transition_dim: int) -> int:
+    """How many leading tokens TT drops from a sequence of ``length`` tokens: whole transitions, as few
+    as make the rest fit in ``block_size`` (so the rest still starts at a transition boundary)."""
+    if length <= block_size:
+        return 0
+    return -(-(length - block_size) // transition_dim) * transition_dim
+
+
 class GPTStream:
-    """A batch of token sequences and the GPT's log-probabilities ``logp [B, V+1]`` of each next token."""
+    """A batch of token sequences and the GPT's log-probabilities ``logp [B, V+1]`` of each next token.
+
+    ``tokens`` is the full history (the caller's view); the model only ever sees ``window``, the tokens
+    from ``offset`` on (TT's crop, see the module docstring). All rows have equal length, so one offset
+    serves the whole batch and ``select`` / ``repeat_interleave`` need not touch it.
+    """
 
     def __init__(self, model: TrajectoryGPT, prefix: torch.Tensor, use_cache: bool):
         self.model, self.use_cache = model, use_cache
+        self.block_size, self.transition_dim = model.cfg.block_size, model.cfg.transition_dim
         self.tokens = prefix
+        self.offset = 0
+        self.cache: KVCache | None = None
+        self.rebuilds = 0  # cache rebuilds forced by cropping (not counting the prefix's first pass)
         with torch.no_grad():
-            if use_cache:
-                self.logp, self.cache = model.log_prob_next(prefix, KVCache())
-            else:
-                self.logp, self.cache = self._full(), None
+            self._restart()
+
+    @property
+    def window(self) -> torch.Tensor:
+        """The tokens the model sees: the history cropped to the block, starting at position 0."""
+        return self.tokens[:, self.offset :]
+
+    def _crop(self) -> int:
+        offset = crop_offset(self.tokens.size(1), self.block_size, self.transition_dim)
+        if offset >= self.tokens.size(1):
+            raise ValueError(
+                f"block_size {self.block_size} is shorter than a transition ({self.transition_dim} tokens): "
+                "cropping whole transitions leaves no context"
+            )
+        return offset
 
     def _full(self) -> torch.Tensor:
-        logits, _ = self.model(self.tokens)
+        logits, _ = self.model(self.window)
         return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def _restart(self) -> None:
+        """Crop the history and run the model on the whole window (rebuilding the cache if caching)."""
+        self.offset = self._crop()
+        if self.use_cache:
+            self.logp, self.cache = self.model.log_prob_next(self.window, KVCache())
+        else:
+            self.logp, self.cache = self._full(), None
 
     def feed(self, token: torch.Tensor) -> None:
         """Append one token per row and update ``logp``."""
         token = token.view(-1, 1).to(self.tokens)
         self.tokens = torch.cat([self.tokens, token], dim=1)
         with torch.no_grad():
-            if self.use_cache:
-                self.logp, self.cache = self.model.log_prob_next(token, self.cache)
-            else:
+            if not self.use_cache:
+                self.offset = self._crop()
                 self.logp = self._full()
+            elif self._crop() != self.offset:  # the cached window would overflow the block
+                self.rebuilds += 1
+                self._restart()
+            else:
+                self.logp, self.cache = self.model.log_prob_next(token, self.cache)
 
     def select(self, rows: torch.Tensor) -> None:
         self.tokens, self.logp = self.tokens[rows], self.logp[rows]
@@ -89,7 +145,10 @@ class ActionProposal(Protocol):
         """Start a new first step for rows belonging to environments ``env_of_row`` [R]."""
 
     def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
-        """Proposal logits [R, nc] for action dimension ``dim`` given the GPT's log-probs [R, nc]."""
+        """Proposal logits [R, nc] for action dimension ``dim`` given the GPT's log-probs [R, nc].
+
+        ``nc = spec.action_bins[dim]``; bins the mask disallows arrive as -inf and stay excluded whatever
+        the hook returns for them."""
 
     def chosen(self, dim: int, tokens: torch.Tensor) -> None:
         """The tokens [R] sampled for dimension ``dim``."""
@@ -115,15 +174,57 @@ def gpt_value(discount: float):
     return value
 
 
+def default_action_bins(masks: torch.Tensor, obs_dim: int, act_dim: int) -> tuple[int, ...]:
+    """Bins of each action column as far as the masks tell: its last allowed token + 1.
+
+    Exact for ``sampling.column_masks`` (bins ``0..n-1``); a constraint that also forbids a column's top
+    bins makes it smaller, which only hides candidates that could never be sampled anyway.
+    """
+    vocab = masks.size(1) - 1
+    bins = []
+    for column in range(obs_dim, obs_dim + act_dim):
+        allowed = masks[column, :vocab].nonzero()
+        bins.append(int(allowed.max()) + 1 if allowed.numel() else 0)
+    return tuple(bins)
+
+
 @dataclass(frozen=True)
 class TokenSpec:
-    """What the search needs to know about the token layout."""
+    """What the search needs to know about the token layout.
+
+    ``action_bins`` (default: :func:`default_action_bins`) is the number of bins of each action column
+    *without* any constraint: the proposal hook sees candidates ``0..action_bins[i]-1`` of dimension i,
+    while ``masks`` says which of them may be sampled (any subset, not necessarily a prefix).
+    """
 
     obs_dim: int
     act_dim: int
-    masks: torch.Tensor  # [D, V+1] valid tokens per column (sampling.column_masks)
+    masks: torch.Tensor  # [D, V+1] valid tokens per column (sampling.column_masks, maybe constrained)
     reward_values: torch.Tensor  # [V+1] representative of each reward token (stop -> 0)
     value_values: torch.Tensor  # [V+1] representative of each value token (stop -> 0)
+    action_bins: tuple[int, ...] = ()  # bins per action column; () derives them from the masks
+
+    def __post_init__(self) -> None:
+        bins = self.action_bins or default_action_bins(self.masks, self.obs_dim, self.act_dim)
+        object.__setattr__(self, "action_bins", tuple(int(n) for n in bins))
+        self._check_actions()
+
+    def _check_actions(self) -> None:
+        """Fail at construction, not mid-plan: every action column needs a sampleable bin inside its
+        ``action_bins``, and must never allow the stop token or tokens past its bins."""
+        vocab = self.masks.size(1) - 1
+        if len(self.action_bins) != self.act_dim:
+            raise ValueError(f"action_bins {self.action_bins}: expected act_dim={self.act_dim} entries")
+        for i, n in enumerate(self.action_bins):
+            mask = self.masks[self.obs_dim + i]
+            if not 1 <= n <= vocab:
+                raise ValueError(f"action_bins[{i}]={n}: expected 1..vocab_size={vocab}")
+            if not bool(mask[:n].any()):
+                raise ValueError(f"action column {i}: the mask allows none of its {n} bins")
+            if bool(mask[n:].any()):
+                raise ValueError(
+                    f"action column {i}: the mask allows tokens >= action_bins[{i}]={n} (or stop)"
+                )
 
 
 def _top_per_env(values: torch.Tensor, num_envs: int, keep: int) -> torch.Tensor:
@@ -140,14 +241,19 @@ def _sample_actions(
     generator: torch.Generator,
     proposal: ActionProposal | None,
 ) -> torch.Tensor:
-    """Sample the act_dim action tokens of every row (feeding each), returning them as [R, act_dim]."""
+    """Sample the act_dim action tokens of every row (feeding each), returning them as [R, act_dim].
+
+    Dimension i draws among tokens ``0..action_bins[i]-1`` allowed by its mask row; the disallowed ones
+    are -inf before the hook and the filters, so top-k and the cdf filter choose among allowed bins only.
+    """
     chosen = []
     for i in range(spec.act_dim):
-        column = spec.obs_dim + i
-        num = int(spec.masks[column].sum())  # action bins are tokens 0..num-1 (no stop token)
-        logits = stream.logp[:, :num]
+        num = spec.action_bins[i]
+        allowed = spec.masks[spec.obs_dim + i, :num]
+        logits = restrict(stream.logp[:, :num], allowed)
         if proposal is not None:
-            logits = proposal.logits(i, logits)
+            # Masked again: the hook only reshapes the distribution, it cannot re-allow a bin.
+            logits = restrict(proposal.logits(i, logits), allowed)
         logits = filter_logits(logits, k=cfg.k_act, cdf=cfg.cdf_act)
         token = sample(logits, generator)
         if proposal is not None:

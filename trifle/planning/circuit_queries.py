@@ -87,17 +87,24 @@ def conditional_unique(
     *,
     dedup: bool = True,
 ) -> torch.Tensor:
-    """``circuit.conditional`` ``[B, T, C]`` (float64), evaluated once per distinct evidence row, in chunks."""
+    """``circuit.conditional`` ``[B, T, C]`` (float64), evaluated once per distinct evidence row, in chunks.
+
+    ``soft`` is per-row soft evidence ``[B, V, C]``, or ``[V, C]`` shared by every row (an action
+    constraint): shared evidence is broadcast, never copied per row, and plays no part in de-duplication.
+    """
     x = torch.where(missing, torch.zeros_like(x), x)
+    shared = soft is not None and soft.dim() == 2
     if dedup:
-        key = [x, missing.long()] + ([] if soft is None else [soft.flatten(1).double()])
+        key = [x, missing.long()] + ([] if soft is None or shared else [soft.flatten(1).double()])
         first, inverse = unique_rows(torch.cat([k.double() for k in key], dim=1))
     else:
         first, inverse = torch.arange(x.size(0), device=x.device), None
     outs = []
     for lo in range(0, len(first), MAX_QUERY_ROWS):
         rows = first[lo : lo + MAX_QUERY_ROWS]
-        part_soft = None if soft is None else soft[rows]
+        part_soft = soft
+        if soft is not None:
+            part_soft = soft.expand(len(rows), -1, -1) if shared else soft[rows]
         out = circuit.conditional(x[rows], missing[rows], targets, soft_evidence=part_soft)
         outs.append(out.double().to(x.device))
     out = torch.cat(outs)
@@ -105,7 +112,12 @@ def conditional_unique(
 
 
 def value_distribution(
-    circuit, x: torch.Tensor, missing: torch.Tensor, value_var: int, num_bins: int
+    circuit,
+    x: torch.Tensor,
+    missing: torch.Tensor,
+    value_var: int,
+    num_bins: int,
+    soft: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """p(V | evidence) ``[B, num_bins]`` over the value column's real bins (renormalised).
 
@@ -113,7 +125,7 @@ def value_distribution(
     is zero (up to the EM pseudocount) for the first transition's value, so the distribution is over
     values that have a meaning and an order.
     """
-    probs = conditional_unique(circuit, x, missing, [value_var])[:, 0, :num_bins]
+    probs = conditional_unique(circuit, x, missing, [value_var], soft)[:, 0, :num_bins]
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
@@ -136,8 +148,13 @@ def candidate_scores(
     num_candidates: int,
     value_var: int,
     keep: torch.Tensor,
+    soft: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every candidate c < num_candidates of variable ``var``: p(V in kept | evidence, var = c).
+
+    ``soft`` is shared soft evidence ``[V, C]`` (an action constraint, see :func:`constraint_evidence`);
+    with it the scores are p(V in kept | evidence, var = c, constraint) times
+    :func:`constraint_likelihood`, i.e. proportional (over c) to p(V in kept, constraint | evidence, var = c).
 
     One batched query of ``B * num_candidates`` rows. Returns ``(scores [B, nc], dists [B, nc, nb])``
     where ``dists`` are the per-candidate value distributions p(V | evidence, var = c) over the
@@ -150,9 +167,42 @@ def candidate_scores(
     mb = missing.repeat_interleave(num_candidates, dim=0)
     xb[:, var] = cand.repeat(b)
     mb[:, var] = False
-    dists = value_distribution(circuit, xb, mb, value_var, nb).view(b, num_candidates, nb)
+    dists = value_distribution(circuit, xb, mb, value_var, nb, soft).view(b, num_candidates, nb)
     scores = (dists * keep[:, None, :].to(dists.dtype)).sum(dim=-1)
+    if soft is not None:
+        scores = scores * constraint_likelihood(circuit, x, missing, var, num_candidates, soft)
     return scores, dists
+
+
+def constraint_evidence(layout: WindowLayout, allowed: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Shared soft evidence ``[V, C]`` of an action constraint on the first transition's actions.
+
+    ``allowed`` maps an action dimension to its allowed bins (bool ``[num_bins]``); the indicator of
+    those bins is the evidence on that dimension's variable ("a^j is one of the allowed bins"), every
+    other weight is 1, so the circuit marginalises the constrained dimension over exactly the allowed set.
+    """
+    soft = torch.ones(layout.num_vars, layout.num_cats, dtype=torch.float64)
+    for dim, bins in allowed.items():
+        row = torch.zeros(layout.num_cats, dtype=torch.float64)
+        row[: len(bins)] = torch.as_tensor(bins, dtype=torch.float64)
+        soft[layout.act_var(0, dim)] = row
+    return soft
+
+
+def constraint_likelihood(
+    circuit, x: torch.Tensor, missing: torch.Tensor, var: int, num_candidates: int, soft: torch.Tensor
+) -> torch.Tensor:
+    """``[B, nc]``, proportional over c to p(constraint | evidence, var = c).
+
+    By Bayes, p(C | e, var = c) = p(var = c | e, C) p(C | e) / p(var = c | e), and p(C | e) does not
+    depend on c: two single-variable queries, with and without the constraint's evidence, give the
+    factor that lets an earlier action dimension anticipate a constraint on a later one. For a
+    constrained ``var`` itself the factor is 0 on disallowed candidates. A candidate the circuit deems
+    impossible (p(var = c | e) = 0) gets 0.
+    """
+    with_c = conditional_unique(circuit, x, missing, [var], soft)[:, 0, :num_candidates]
+    without = conditional_unique(circuit, x, missing, [var])[:, 0, :num_candidates]
+    return torch.where(without > 0, with_c / without.clamp_min(1e-300), torch.zeros_like(with_c))
 
 
 def expected_multistep_value(

@@ -18,7 +18,7 @@ multi-step quantity enters trifle-m through the beam's value instead (docs/plann
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +33,19 @@ from trifle.planning.beam import BeamSettings, TokenSpec, beam_search
 from trifle.planning.circuit_queries import (
     WindowLayout,
     candidate_scores,
+    constraint_evidence,
     expected_multistep_value,
     kept_bins,
     value_distribution,
 )
+from trifle.planning.constraints import Bound, allowed_bins, parse_constraint
 from trifle.planning.context import TokenHistory
 from trifle.planning.sampling import bin_values, column_masks
 
 METHODS = ("tt", "trifle-s", "trifle-m")
 TRIFLE_METHODS = ("trifle-s", "trifle-m")
 BEAM_KEYS = (
+    "name",
     "method",
     "beam_width",
     "horizon",
@@ -52,6 +55,7 @@ BEAM_KEYS = (
     "cdf_act",
     "max_context_transitions",
     "use_cache",
+    "constrained",
 )
 
 
@@ -69,6 +73,8 @@ class PlannerSettings:
     max_context_transitions: int
     use_cache: bool
     top_ratio: float | None = None
+    constrained: bool = False
+    name: str = ""
 
     def beam(self, discount: float) -> BeamSettings:
         return BeamSettings(
@@ -127,8 +133,13 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
     for key in allowed:
         if key not in cfg:
             raise ConfigError(f"planner.{key}: missing (method {method!r} needs it)")
-    if not isinstance(cfg["use_cache"], bool):
-        raise ConfigError(f"planner.use_cache: expected true or false, got {cfg['use_cache']!r}")
+    for key in ("use_cache", "constrained"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"planner.{key}: expected true or false, got {cfg[key]!r}")
+    if not isinstance(cfg["name"], str) or not cfg["name"]:
+        raise ConfigError(
+            f"planner.name: expected the method's name (a non-empty string), got {cfg['name']!r}"
+        )
     return PlannerSettings(
         method=method,
         beam_width=_int(cfg, "beam_width", 1),
@@ -140,6 +151,8 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         max_context_transitions=_int(cfg, "max_context_transitions", 0),
         use_cache=cfg["use_cache"],
         top_ratio=_fraction(cfg, "top_ratio") if method in TRIFLE_METHODS else None,
+        constrained=cfg["constrained"],
+        name=cfg["name"],
     )
 
 
@@ -149,24 +162,38 @@ class CircuitProposal:
     For action dimension i: p(a^i = c) ∝ p_GPT(a^i = c | ...) · p_PC(V_t in kept | s_t, a^{<i}, a^i = c),
     where "kept" are the bins of p_PC(V_t | s_t, a^{<i}) with CDF >= 1 - top_ratio; after a^i is
     sampled the threshold distribution becomes the chosen candidate's p_PC(V_t | s_t, a^{<=i}).
+
+    Under an action constraint C (``soft``: the allowed bins as evidence, circuit_queries.constraint_evidence)
+    every query also conditions on C, and each candidate's score is p(V in kept, C | s_t, a^{<i}, a^i = c)
+    up to a factor that does not depend on c: the first dimensions are then chosen knowing the constraint
+    on later ones, which an autoregressive model cannot do (paper §6.3).
     """
 
-    def __init__(self, circuit, layout: WindowLayout, obs: torch.Tensor, top_ratio: float, value_bins: int):
+    def __init__(
+        self,
+        circuit,
+        layout: WindowLayout,
+        obs: torch.Tensor,
+        top_ratio: float,
+        value_bins: int,
+        soft: torch.Tensor | None = None,
+    ):
         self.circuit, self.layout, self.obs = circuit, layout, obs
         self.top_ratio, self.value_bins = top_ratio, value_bins
         self.value_var = layout.value_var(0)
+        self.soft = soft
 
     def begin(self, env_of_row: torch.Tensor) -> None:
         self.x, self.missing = self.layout.evidence(self.obs[env_of_row])
         self.val_probs = value_distribution(
-            self.circuit, self.x, self.missing, self.value_var, self.value_bins
+            self.circuit, self.x, self.missing, self.value_var, self.value_bins, self.soft
         )
 
     def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
         keep = kept_bins(self.val_probs, self.top_ratio)
         var = self.layout.act_var(0, dim)
         scores, self.dists = candidate_scores(
-            self.circuit, self.x, self.missing, var, logp.size(1), self.value_var, keep
+            self.circuit, self.x, self.missing, var, logp.size(1), self.value_var, keep, self.soft
         )
         corrected = logp.double() + scores.log()
         # A row where every GPT-supported candidate has zero circuit score keeps the GPT's proposal.
@@ -211,6 +238,7 @@ class BeamPlanner:
         discount: float,
         circuit=None,
         circuit_window: int = 1,
+        constraint: Sequence[Bound] = (),
         device: str | torch.device = "cpu",
     ):
         self.settings, self.model, self.discretizer = settings, model.eval(), discretizer
@@ -219,12 +247,19 @@ class BeamPlanner:
         self.device = torch.device(device)
         self.beam = settings.beam(discount)
         vocab = model.cfg.vocab_size
+        # An action constraint: the allowed bins of each constrained dimension (the beam masks the others
+        # at every planning step; Trifle's circuit also takes them as evidence).
+        self.allowed = allowed_bins(discretizer, obs_dim, constraint)
+        masks = column_masks(discretizer.num_bins, vocab, obs_dim, act_dim)
+        for dim, bins in self.allowed.items():
+            masks[obs_dim + dim, : len(bins)] &= torch.as_tensor(bins)
         self.spec = TokenSpec(
             obs_dim=obs_dim,
             act_dim=act_dim,
-            masks=column_masks(discretizer.num_bins, vocab, obs_dim, act_dim).to(self.device),
+            masks=masks.to(self.device),
             reward_values=bin_values(discretizer.columns[-2].values, vocab + 1).to(self.device),
             value_values=bin_values(discretizer.columns[-1].values, vocab + 1).to(self.device),
+            action_bins=tuple(int(n) for n in discretizer.num_bins[obs_dim : obs_dim + act_dim]),
         )
         self.history = TokenHistory(discretizer, obs_dim, act_dim, settings.max_context_transitions)
         self.generator: torch.Generator | None = None
@@ -239,7 +274,11 @@ class BeamPlanner:
             return None, None
         layout = WindowLayout(self.obs_dim, self.act_dim, self.circuit_window, self.circuit.num_cats)
         value_bins = int(self.discretizer.num_bins[-1])
-        proposal = CircuitProposal(self.circuit, layout, obs, self.settings.top_ratio, value_bins)
+        soft = None
+        if self.allowed:
+            allowed = {d: torch.as_tensor(b) for d, b in self.allowed.items()}
+            soft = constraint_evidence(layout, allowed).to(self.device)
+        proposal = CircuitProposal(self.circuit, layout, obs, self.settings.top_ratio, value_bins, soft)
         if method == "trifle-s":
             return proposal, None
         return proposal, CircuitValue(self.circuit, obs, self.circuit_window, self.discount, self.discretizer)
@@ -285,15 +324,25 @@ def check_circuit(settings: PlannerSettings, *, circuit_window: int, has_circuit
 
 
 def check_context(
-    settings: PlannerSettings, *, block_size: int, transition_dim: int, gpt_name: str = "the GPT"
+    settings: PlannerSettings,
+    *,
+    block_size: int,
+    transition_dim: int,
+    obs_dim: int,
+    gpt_name: str = "the GPT",
 ) -> None:
-    """Context plus plan must fit the GPT's trained block (positions are absolute; no cropping)."""
-    needed = (settings.max_context_transitions + settings.horizon) * transition_dim
+    """The prefix (context transitions + current observation) must fit the GPT's trained block.
+
+    A plan may run past the block: the search then crops the oldest transitions as TT does
+    (trifle.planning.beam), but context that would be cropped before planning even starts is a
+    configuration mistake, not a choice.
+    """
+    needed = settings.max_context_transitions * transition_dim + obs_dim + 1
     if needed > block_size:
         raise ConfigError(
-            f"planner.horizon={settings.horizon} + planner.max_context_transitions="
-            f"{settings.max_context_transitions} need {needed} tokens, but {gpt_name} was trained on "
-            f"block_size={block_size} ({block_size // transition_dim} transitions); lower one of them"
+            f"planner.max_context_transitions={settings.max_context_transitions}: the prefix and the first "
+            f"action token need {needed} tokens, but {gpt_name} was trained on block_size={block_size} "
+            f"({block_size // transition_dim} transitions); lower it"
         )
 
 
@@ -307,15 +356,20 @@ def make_planner(
     discount: float,
     circuit=None,
     circuit_window: int = 1,
+    constraint: Sequence[Mapping[str, Any]] | None = None,
     device: str | torch.device = "cpu",
 ) -> BeamPlanner:
-    """A planner from in-memory models (``build_planner`` loads them from checkpoints first)."""
+    """A planner from in-memory models (``build_planner`` loads them from checkpoints first).
+
+    ``constraint`` is the task's ``action_constraint``; only a ``constrained`` planner enforces it.
+    """
     settings = validate_config(planner_cfg)
+    bounds = constraint_bounds(settings, constraint, act_dim)
     if not 0.0 <= float(discount) <= 1.0:
         raise ConfigError(f"task.labels.discount: expected a number in [0, 1], got {discount!r}")
     dim = obs_dim + act_dim + 2
     check_circuit(settings, circuit_window=circuit_window, has_circuit=circuit is not None)
-    check_context(settings, block_size=model.cfg.block_size, transition_dim=dim)
+    check_context(settings, block_size=model.cfg.block_size, transition_dim=dim, obs_dim=obs_dim)
     if settings.method in TRIFLE_METHODS and circuit.num_vars != circuit_window * dim:
         raise ConfigError(
             f"task.pc_window={circuit_window}: expects a circuit over {circuit_window * dim} variables, "
@@ -330,8 +384,24 @@ def make_planner(
         discount=float(discount),
         circuit=circuit if settings.method in TRIFLE_METHODS else None,
         circuit_window=circuit_window,
+        constraint=bounds,
         device=device,
     )
+
+
+def constraint_bounds(
+    settings: PlannerSettings, constraint: Sequence[Mapping[str, Any]] | None, act_dim: int
+) -> list[Bound]:
+    """The bounds a planner enforces: the task's constraint when the method is constrained, else none."""
+    if not settings.constrained:
+        return []
+    bounds = parse_constraint(constraint, act_dim)
+    if not bounds:
+        raise ConfigError(
+            f"planner.constrained=true (method {settings.name!r}) but task.action_constraint is empty: "
+            "expected a list of {dim, low, high} entries"
+        )
+    return bounds
 
 
 def build_planner(
@@ -342,6 +412,7 @@ def build_planner(
     tokens: TokenData,
     circuit_window: int,
     discount: float,
+    constraint: Sequence[Mapping[str, Any]] | None = None,
     device: str = "cpu",
 ) -> BeamPlanner:
     """Validate the config, load the checkpoints (checking they fit ``tokens``) and build the planner.
@@ -361,7 +432,11 @@ def build_planner(
     expect = {"obs_dim": tokens.obs_dim, "act_dim": tokens.act_dim, "vocab_size": tokens.vocab_size}
     model, _ = load_gpt(gpt_path, expect=expect, device=device)
     check_context(
-        settings, block_size=model.cfg.block_size, transition_dim=dim, gpt_name=f"the GPT {gpt_path}"
+        settings,
+        block_size=model.cfg.block_size,
+        transition_dim=dim,
+        obs_dim=tokens.obs_dim,
+        gpt_name=f"the GPT {gpt_path}",
     )
     circuit = None
     if needs_circuit:
@@ -381,5 +456,6 @@ def build_planner(
         discount=discount,
         circuit=circuit,
         circuit_window=circuit_window,
+        constraint=constraint,
         device=device,
     )

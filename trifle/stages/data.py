@@ -1,28 +1,56 @@
-"""Stage `data`: produce the raw dataset of a task in D4RL's hdf5 layout."""
+"""Stage `data`: produce the raw dataset of a task in D4RL's hdf5 layout.
+
+Three sources (``task.dataset.generator``): ``d4rl`` fetches a published D4RL file (a local copy or a
+verified, resumable download), ``mujoco`` generates a D4RL-format dataset in gymnasium's MuJoCo
+environment, and ``taxi`` / ``frozenlake`` generate the toy tasks' datasets.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from trifle.data.d4rl_download import fetch_d4rl
 from trifle.data.d4rl_format import save_dataset
+from trifle.data.mujoco_datasets import generate_mujoco_dataset
 from trifle.data.toy_datasets import generate_frozenlake_dataset, generate_taxi_dataset
 from trifle.errors import ConfigError
 
-GENERATORS = {"taxi": generate_taxi_dataset, "frozenlake": generate_frozenlake_dataset}
+GENERATORS = {
+    "taxi": generate_taxi_dataset,
+    "frozenlake": generate_frozenlake_dataset,
+    "mujoco": generate_mujoco_dataset,
+}
+SOURCES = ("d4rl", *GENERATORS)
+
+
+def _fetch(params: dict[str, Any], out: Path, progress: bool) -> None:
+    try:
+        fetch_d4rl(params.pop("name"), out, **params, progress=progress)
+    except TypeError as err:
+        raise ConfigError(f"task.dataset: invalid options for generator 'd4rl': {err}") from err
+
+
+def _generate(name: str, params: dict[str, Any], out: Path, progress: bool) -> None:
+    try:
+        arrays, attrs = GENERATORS[name](**params, progress=progress)
+    except TypeError as err:
+        raise ConfigError(f"task.dataset: invalid options for generator '{name}': {err}") from err
+    save_dataset(out, arrays, attrs)
 
 
 def run(cfg: dict[str, Any]) -> Path:
     params = dict(cfg["task"]["dataset"])
     name = params.pop("generator")
-    if name not in GENERATORS:
+    if name not in SOURCES:
         raise ConfigError(
-            f"task.dataset.generator='{name}' is unknown; expected one of: {', '.join(GENERATORS)}"
+            f"task.dataset.generator='{name}' is unknown; expected one of: {', '.join(SOURCES)}"
         )
-    try:
-        arrays, attrs = GENERATORS[name](**params, progress=cfg["progress"])
-    except TypeError as err:
-        raise ConfigError(f"task.dataset: invalid options for generator '{name}': {err}") from err
     out = Path(cfg["paths"]["raw"])
-    save_dataset(out, arrays, attrs)
+    if name == "d4rl":
+        _fetch(params, out, cfg["progress"])
+    else:
+        if name == "mujoco":
+            params["env"] = cfg["task"]["env"]
+        _generate(name, params, out, cfg["progress"])
     return out

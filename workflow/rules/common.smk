@@ -9,18 +9,48 @@ from trifle.fingerprint import code_fingerprint
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-_unknown_methods = sorted(set(config.get("methods", [])) - set(available("planner")))
-if _unknown_methods:
-    raise ValueError(
-        f"workflow config 'methods': unknown method(s) {_unknown_methods}; expected names from "
-        f"trifle/conf/planner: {', '.join(available('planner'))}"
-    )
 _unknown = sorted(set(config["tasks"]) - set(available("task")))
 if _unknown:
     raise ValueError(
         f"workflow config 'tasks': unknown task(s) {_unknown}; expected names from trifle/conf/task: "
         f"{', '.join(available('task'))}"
     )
+_stray = sorted(set(config.get("per_task", {})) - set(config["tasks"]))
+if _stray:
+    raise ValueError(f"workflow config 'per_task': {_stray} not in 'tasks' ({', '.join(config['tasks'])})")
+
+
+def task_settings(task):
+    """Seeds, methods, group choices and overrides of one task: the global ones, where `per_task`
+    replaces seeds / methods, updates groups and appends overrides (e.g. TT's longer GPT training on
+    the medium-replay datasets)."""
+    own = config.get("per_task", {}).get(task, {})
+    return {
+        "seeds": own.get("seeds", config["seeds"]),
+        "methods": own.get("methods", config.get("methods", [])),
+        "groups": {**config.get("groups", {}), **own.get("groups", {})},
+        "overrides": [*config.get("overrides", []), *own.get("overrides", [])],
+    }
+
+
+for _task in config["tasks"]:
+    _unknown_methods = sorted(set(task_settings(_task)["methods"]) - set(available("planner")))
+    if _unknown_methods:
+        raise ValueError(
+            f"workflow config 'methods' of task {_task}: unknown method(s) {_unknown_methods}; expected "
+            f"names from trifle/conf/planner: {', '.join(available('planner'))}"
+        )
+
+
+def is_mujoco(task):
+    """Gym-MuJoCo tasks are scored and tabulated apart from the toy tasks (normalized D4RL scores)."""
+    from trifle.envs.mujoco import MUJOCO_ENVS
+
+    return compose([f"task={task}"])["task"]["env"] in MUJOCO_ENVS
+
+
+MUJOCO_TASKS = [t for t in config["tasks"] if is_mujoco(t)]
+TOY_TASKS = [t for t in config["tasks"] if t not in MUJOCO_TASKS]
 
 
 wildcard_constraints:
@@ -32,9 +62,10 @@ wildcard_constraints:
 def hydra_overrides(wildcards):
     """The Hydra overrides of one job: its wildcards, the group choices, the extra overrides."""
     seed = getattr(wildcards, "seed", 0)
-    groups = [f"{group}={name}" for group, name in sorted(config.get("groups", {}).items())]
+    settings = task_settings(wildcards.task)
+    groups = [f"{group}={name}" for group, name in sorted(settings["groups"].items())]
     method = [f"planner={wildcards.method}"] if hasattr(wildcards, "method") else []
-    return (f"task={wildcards.task}", f"seed={seed}", *groups, *method, *config.get("overrides", []))
+    return (f"task={wildcards.task}", f"seed={seed}", *groups, *method, *settings["overrides"])
 
 
 def stage_config(stage):
@@ -77,29 +108,47 @@ def hours(n):
     return runtime
 
 
-def trained_models():
-    """Models the configured methods need: the GPT and circuit always, DT when it is evaluated."""
-    return ["gpt", "pc"] + (["dt"] if "dt" in config.get("methods", []) else [])
+def trained_models(task):
+    """Models the task's methods need: the GPT and circuit always, DT when it is evaluated."""
+    return ["gpt", "pc"] + (["dt"] if "dt" in task_settings(task)["methods"] else [])
 
 
 def model_metrics(wildcards):
     """Metrics files of every training job of the configured grid."""
-    return expand(
-        "results/checkpoints/{task}/{model}/seed{seed}.metrics.json",
-        task=config["tasks"],
-        model=trained_models(),
-        seed=config["seeds"],
-    )
+    return [
+        f"results/checkpoints/{task}/{model}/seed{seed}.metrics.json"
+        for task in config["tasks"]
+        for model in trained_models(task)
+        for seed in task_settings(task)["seeds"]
+    ]
 
 
-def evaluation_files(wildcards):
-    """Evaluation files of every task x method x seed of the configured grid."""
-    return expand(
-        "results/eval/{task}/{method}/seed{seed}.json",
-        task=config["tasks"],
-        method=config.get("methods", []),
-        seed=config["seeds"],
-    )
+def evaluation_files_of(tasks):
+    """Evaluation files of every method x seed of ``tasks``."""
+    return [
+        f"results/eval/{task}/{method}/seed{seed}.json"
+        for task in tasks
+        for method in task_settings(task)["methods"]
+        for seed in task_settings(task)["seeds"]
+    ]
+
+
+def toy_evaluation_files(wildcards):
+    return evaluation_files_of(TOY_TASKS)
+
+
+def mujoco_evaluation_files(wildcards):
+    return evaluation_files_of(MUJOCO_TASKS)
+
+
+def final_targets():
+    """The default target: the models table, plus each task family's tables that has evaluations."""
+    targets = ["results/tables/models.csv"]
+    if evaluation_files_of(TOY_TASKS):
+        targets.append("results/tables/summary.csv")
+    if evaluation_files_of(MUJOCO_TASKS):
+        targets.append("results/tables/mujoco.csv")
+    return targets
 
 
 def evaluation_inputs(wildcards):

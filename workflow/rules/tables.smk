@@ -1,4 +1,5 @@
-# Aggregation: results/tables/models.csv (+ .md) from every training job's metrics.
+# Aggregation: results/tables/models.csv (+ .md) from every training job's metrics; the toy tasks'
+# summary table and figure; the MuJoCo score tables (paper Tables 1 and 2) and figure.
 
 
 rule models_table:
@@ -27,7 +28,7 @@ rule models_table:
 
 rule summary:
     input:
-        evaluation_files,
+        toy_evaluation_files,
     output:
         csv=report(
             "results/tables/summary.csv",
@@ -58,3 +59,45 @@ rule summary:
     shell:
         "python -m trifle summary paths.eval_files={params.files} paths.summary_table={output.csv:q}"
         " paths.returns_figure={output.figure:q} > {log:q} 2>&1"
+
+
+rule mujoco_tables:
+    input:
+        mujoco_evaluation_files,
+    output:
+        csv=report(
+            "results/tables/mujoco.csv",
+            caption="../report/mujoco.rst",
+            category="Results",
+            labels={"table": "mujoco"},
+        ),
+        md="results/tables/mujoco.md",
+        safe=report(
+            "results/tables/safe_rl.csv",
+            caption="../report/safe_rl.rst",
+            category="Results",
+            labels={"table": "safe_rl"},
+        ),
+        safe_md="results/tables/safe_rl.md",
+        figure=report(
+            "results/figures/mujoco_scores.png",
+            caption="../report/mujoco_scores.rst",
+            category="Results",
+            labels={"figure": "mujoco_scores"},
+        ),
+    log:
+        "logs/mujoco_tables.log",
+    params:
+        code=code("mujoco_tables"),
+        files=file_list,
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        gpu=0,
+    conda:
+        "../envs/trifle.yaml"
+    shell:
+        "python -m trifle mujoco_tables paths.eval_files={params.files} paths.mujoco_table={output.csv:q}"
+        " paths.safe_table={output.safe:q} paths.scores_figure={output.figure:q} > {log:q} 2>&1"

@@ -1,0 +1,268 @@
+"""Gym-MuJoCo tasks: D4RL scores, the vector env's conventions and the D4RL-layout dataset generator."""
+
+import mujoco
+import numpy as np
+import pytest
+
+from trifle.data.d4rl_format import load_dataset, save_dataset
+from trifle.data.mujoco_datasets import generate_mujoco_dataset
+from trifle.envs.mujoco import (
+    ACTION_NAMES,
+    MUJOCO_ENVS,
+    REF_SCORES,
+    VectorMujocoEnv,
+    make_mujoco_env,
+    normalized_score,
+)
+from trifle.errors import ConfigError, TrifleError
+
+DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
+
+
+def random_actions(rng: np.random.Generator, n: int, act_dim: int, scale: float = 1.0) -> np.ndarray:
+    return scale * rng.uniform(-1.0, 1.0, size=(n, act_dim))
+
+
+@pytest.mark.parametrize("env", sorted(MUJOCO_ENVS))
+def test_normalized_score_reference_points(env):
+    low, high = REF_SCORES[env]
+    assert normalized_score(env, low) == pytest.approx(0.0)
+    assert normalized_score(env, high) == pytest.approx(100.0)
+    scores = normalized_score(env, [low, (low + high) / 2, high])
+    assert scores.dtype == np.float64
+    np.testing.assert_allclose(scores, [0.0, 50.0, 100.0], atol=1e-9)
+
+
+def test_unknown_env_names_valid_envs():
+    with pytest.raises(ConfigError, match="halfcheetah"):
+        normalized_score("ant", 1.0)
+    with pytest.raises(ConfigError, match="hopper"):
+        make_mujoco_env("ant")
+    with pytest.raises(ConfigError, match="walker2d"):
+        VectorMujocoEnv("ant", 1, seed=0)
+
+
+def test_building_halfcheetah_is_quiet(tmp_path, monkeypatch, capfd):
+    """The known 'settotalmass' compiler warning neither prints nor writes MUJOCO_LOG.TXT into the cwd."""
+    monkeypatch.chdir(tmp_path)
+    previous = mujoco.get_mju_user_warning()
+    make_mujoco_env("halfcheetah").close()
+    assert "settotalmass" not in "".join(capfd.readouterr())
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    assert mujoco.get_mju_user_warning() is previous
+
+
+@pytest.mark.parametrize("env", sorted(MUJOCO_ENVS))
+def test_action_names_match_model_actuators(env):
+    """Each action drives the joint we name; where the actuator has a name of its own, it is that name."""
+    model = make_mujoco_env(env).unwrapped.model
+    driven = []
+    for i in range(model.nu):
+        joint = mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_JOINT, int(model.actuator_trnid[i, 0]))
+        assert model.actuator(i).name in ("", joint)
+        driven.append(joint)
+    assert tuple(driven) == ACTION_NAMES[env]
+
+
+@pytest.mark.parametrize("env", sorted(MUJOCO_ENVS))
+def test_vector_env_shapes(env):
+    vec = VectorMujocoEnv(env, 2, seed=0)
+    obs_dim, act_dim = DIMS[env]
+    assert (vec.obs_dim, vec.act_dim) == (obs_dim, act_dim)
+    np.testing.assert_array_equal(vec.action_low, -np.ones(act_dim))
+    np.testing.assert_array_equal(vec.action_high, np.ones(act_dim))
+    obs = vec.reset()
+    assert obs.shape == (2, obs_dim) and obs.dtype == np.float64
+    obs, reward, term, trunc, info = vec.step(np.zeros((2, act_dim)))
+    assert obs.shape == (2, obs_dim) and reward.shape == (2,) and reward.dtype == np.float64
+    assert term.shape == trunc.shape == info["stepped"].shape == (2,)
+    assert info["stepped"].all()
+
+
+def rollout(vec: VectorMujocoEnv, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    obs, rewards = [vec.reset()], []
+    for _ in range(steps):
+        o, r, *_ = vec.step(random_actions(rng, vec.num_envs, vec.act_dim))
+        obs.append(o)
+        rewards.append(r)
+    return np.stack(obs), np.stack(rewards)
+
+
+def test_vector_env_seeding():
+    obs_a, rew_a = rollout(VectorMujocoEnv("walker2d", 2, seed=3), 10)
+    obs_b, rew_b = rollout(VectorMujocoEnv("walker2d", 2, seed=3), 10)
+    np.testing.assert_array_equal(obs_a, obs_b)
+    np.testing.assert_array_equal(rew_a, rew_b)
+    obs_c, _ = rollout(VectorMujocoEnv("walker2d", 2, seed=4), 10)
+    assert not np.array_equal(obs_a[0], obs_c[0])
+    assert not np.array_equal(obs_a[0, 0], obs_a[0, 1]), "envs of one batch must start differently"
+
+
+def test_vector_env_reset_independent_of_batch():
+    """An env's episodes depend on (seed, env id, reset count) only, not on which other envs exist or reset."""
+    big, small = VectorMujocoEnv("hopper", 3, seed=7), VectorMujocoEnv("hopper", 1, seed=7)
+    first = big.reset()
+    np.testing.assert_array_equal(first[0], small.reset()[0])
+    second = big.reset(env_ids=[1])
+    np.testing.assert_array_equal(second[[0, 2]], first[[0, 2]])
+    assert not np.array_equal(second[1], first[1])
+    np.testing.assert_array_equal(big.reset(env_ids=[0])[0], small.reset()[0])
+
+
+def test_vector_env_terminated_env_stays_frozen():
+    vec = VectorMujocoEnv("hopper", 2, seed=0)
+    vec.reset()
+    push = np.array([[1.0, -1.0, 1.0], [0.0, 0.0, 0.0]])
+    for _ in range(200):
+        obs, _, term, trunc, _ = vec.step(push)
+        assert not trunc.any()
+        if term[0]:
+            break
+    assert term[0], "full-torque Hopper should fall within 200 steps"
+    steps = vec.steps[0]
+    for _ in range(3):
+        obs2, reward, term2, trunc2, info = vec.step(push)
+        assert not info["stepped"][0] and reward[0] == 0.0 and not term2[0] and not trunc2[0]
+        np.testing.assert_array_equal(obs2[0], obs[0])
+    assert vec.steps[0] == steps
+    vec.reset(env_ids=[0])
+    assert vec.step(push)[4]["stepped"][0]
+
+
+def test_vector_env_truncates_exactly_at_limit():
+    vec = VectorMujocoEnv("halfcheetah", 2, seed=0, max_episode_steps=5)
+    vec.reset()
+    for t in range(1, 6):
+        _, _, term, trunc, info = vec.step(np.zeros((2, 6)))
+        assert info["stepped"].all() and not term.any()
+        assert trunc.all() == (t == 5) and trunc.any() == (t == 5)
+    _, reward, term, trunc, info = vec.step(np.zeros((2, 6)))
+    assert not info["stepped"].any() and not reward.any() and not term.any() and not trunc.any()
+
+
+def test_vector_env_clips_actions():
+    rng = np.random.default_rng(0)
+    wild, tame = VectorMujocoEnv("hopper", 2, seed=1), VectorMujocoEnv("hopper", 2, seed=1)
+    wild.reset()
+    tame.reset()
+    for _ in range(5):
+        actions = random_actions(rng, 2, 3, scale=4.0)
+        out_wild, out_tame = wild.step(actions), tame.step(np.clip(actions, -1.0, 1.0))
+        for a, b in zip(out_wild[:4], out_tame[:4], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_vector_env_rejects_bad_actions():
+    vec = VectorMujocoEnv("hopper", 2, seed=0)
+    vec.reset()
+    bad = np.zeros((2, 3))
+    bad[1, 2] = np.nan
+    with pytest.raises(TrifleError, match="NaN"):
+        vec.step(bad)
+    with pytest.raises(TrifleError, match="shape"):
+        vec.step(np.zeros((2, 4)))
+    with pytest.raises(ConfigError, match="num_envs"):
+        VectorMujocoEnv("hopper", 0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def hopper_data():
+    return generate_mujoco_dataset(env="hopper", num_steps=300, seed=0, max_episode_steps=30, progress=False)
+
+
+def episode_bounds(arrays: dict[str, np.ndarray]) -> list[tuple[int, int]]:
+    """(start, end) of each episode, the unflagged tail included (end exclusive)."""
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"]) + 1
+    n = arrays["rewards"].size
+    cuts = [0, *ends.tolist()] + ([n] if not ends.size or ends[-1] != n else [])
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def test_dataset_layout_and_round_trip(hopper_data, tmp_path):
+    arrays, attrs = hopper_data
+    assert attrs["gym_id"] == "Hopper-v4" and attrs["generator"] == "mujoco" and attrs["num_steps"] == 300
+    assert arrays["observations"].shape == arrays["next_observations"].shape == (300, 11)
+    assert arrays["actions"].shape == (300, 3) and arrays["infos/qpos"].shape == (300, 6)
+    assert np.abs(arrays["actions"]).max() <= 1.0
+    np.testing.assert_allclose(arrays["infos/action_log_probs"], -3 * np.log(2.0))
+    save_dataset(tmp_path / "hopper.hdf5", arrays, attrs)
+    data = load_dataset(tmp_path / "hopper.hdf5")
+    assert data.attrs == attrs
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(data.arrays()[key], value)
+
+
+def test_dataset_episode_flags(hopper_data):
+    arrays, attrs = hopper_data
+    assert not np.any(arrays["terminals"] & arrays["timeouts"])
+    bounds = episode_bounds(arrays)
+    for start, end in bounds:
+        flagged = arrays["terminals"][end - 1] or arrays["timeouts"][end - 1]
+        assert arrays["timeouts"][end - 1] == (end - start == 30 and not arrays["terminals"][end - 1])
+        assert end - start <= 30
+        assert flagged or end == 300, "only the tail may be unflagged"
+        np.testing.assert_array_equal(
+            arrays["next_observations"][start : end - 1], arrays["observations"][start + 1 : end]
+        )
+    complete = [(s, e) for s, e in bounds if arrays["terminals"][e - 1] or arrays["timeouts"][e - 1]]
+    assert attrs["num_episodes"] == len(complete)
+    returns = [arrays["rewards"][s:e].astype(np.float64).sum() for s, e in complete]
+    assert attrs["mean_return"] == pytest.approx(np.mean(returns), rel=1e-5)
+    assert attrs["mean_normalized_score"] == pytest.approx(
+        float(normalized_score("hopper", attrs["mean_return"]))
+    )
+
+
+def test_dataset_states_reproduce_observations(hopper_data):
+    """D4RL's check: restoring the stored pre-step state gives the stored observation."""
+    arrays, _ = hopper_data
+    env = make_mujoco_env("hopper").unwrapped
+    for i in np.random.default_rng(0).choice(300, size=20, replace=False):
+        env.set_state(arrays["infos/qpos"][i], arrays["infos/qvel"][i])
+        np.testing.assert_allclose(env._get_obs(), arrays["observations"][i], rtol=1e-6, atol=1e-6)
+
+
+def test_dataset_timeouts_at_step_limit():
+    """HalfCheetah never terminates: every episode is cut at the limit and the tail stays unflagged."""
+    arrays, attrs = generate_mujoco_dataset(
+        env="halfcheetah", num_steps=50, max_episode_steps=20, progress=False
+    )
+    assert np.flatnonzero(arrays["timeouts"]).tolist() == [19, 39] and not arrays["terminals"].any()
+    assert attrs["num_episodes"] == 2 and attrs["gym_id"] == "HalfCheetah-v4"
+
+
+def test_dataset_too_short_for_an_episode_still_has_an_end(tmp_path):
+    arrays, attrs = generate_mujoco_dataset(env="halfcheetah", num_steps=3, progress=False)
+    assert arrays["timeouts"].tolist() == [False, False, True]
+    assert attrs["num_episodes"] == 0 and attrs["mean_return"] is None
+    save_dataset(tmp_path / "tiny.hdf5", arrays, attrs)
+
+
+def test_dataset_deterministic(hopper_data):
+    arrays, attrs = hopper_data
+    again, attrs_again = generate_mujoco_dataset(
+        env="hopper", num_steps=300, seed=0, max_episode_steps=30, progress=False
+    )
+    assert attrs_again == attrs
+    for key, value in arrays.items():
+        assert again[key].dtype == value.dtype
+        np.testing.assert_array_equal(again[key], value)
+    other, _ = generate_mujoco_dataset(
+        env="hopper", num_steps=300, seed=1, max_episode_steps=30, progress=False
+    )
+    assert not np.array_equal(other["observations"], arrays["observations"])
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"policy": "expert"}, "policy"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"max_episode_steps": 0}, "max_episode_steps"),
+        ({"env": "ant"}, "hopper"),
+    ],
+)
+def test_dataset_rejects_bad_options(options, name):
+    with pytest.raises(ConfigError, match=name):
+        generate_mujoco_dataset(**{"env": "hopper", "num_steps": 10, "progress": False, **options})

@@ -1,0 +1,149 @@
+"""Small Gym-MuJoCo datasets in D4RL's layout, rolled out locally.
+
+The real D4RL files cannot be downloaded everywhere (tests, CI, machines without network), so this
+module produces files with exactly their layout and conventions from gymnasium's v4 envs, which
+reproduce D4RL's v2 envs: ``infos/qpos``/``infos/qvel`` hold the simulator state *before* each step (so
+``set_state`` + ``_get_obs`` reproduces the stored observation, D4RL's own consistency check),
+``timeouts`` flag steps that hit the step limit, and an episode left unfinished at the end of the data is
+left unflagged, as D4RL does.
+
+Every random draw (actions and env reset seeds) comes from one ``numpy`` Generator seeded by ``seed``,
+so a seed fixes the dataset bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from trifle.envs.mujoco import MUJOCO_ENVS, check_env_name, make_raw_env, normalized_score
+from trifle.errors import ConfigError
+
+Arrays = dict[str, np.ndarray]
+POLICIES = ("random",)
+
+
+def _check_options(env: str, num_steps: int, policy: str, max_episode_steps: int) -> None:
+    """Reject bad generator options with a message naming the option."""
+    check_env_name(env)
+    if policy not in POLICIES:
+        raise ConfigError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+    if num_steps < 1:
+        raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+    if max_episode_steps < 1:
+        raise ConfigError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+
+
+class UniformPolicy:
+    """Uniform actions over the box ``[low, high]``; its log-density is the same for every action."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray) -> None:
+        self.low = np.asarray(low, dtype=np.float64)
+        self.high = np.asarray(high, dtype=np.float64)
+        self.log_prob = float(-np.log(self.high - self.low).sum())
+
+    def __call__(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """Sample in float32, the stored dtype, so the stored action is exactly the one applied."""
+        return rng.uniform(self.low, self.high).astype(np.float32), self.log_prob
+
+
+def generate_mujoco_dataset(
+    *,
+    env: str,
+    num_steps: int,
+    seed: int = 0,
+    policy: str = "random",
+    max_episode_steps: int = 1000,
+    progress: bool = True,
+) -> tuple[Arrays, dict[str, Any]]:
+    """Roll out ``policy`` in one env for exactly ``num_steps`` steps, resetting on termination or timeout."""
+    _check_options(env, num_steps, policy, max_episode_steps)
+    rng = np.random.default_rng(seed)
+    sim = make_raw_env(env)
+    try:
+        act = UniformPolicy(sim.action_space.low, sim.action_space.high)
+        steps, returns = _rollout(sim, act, rng, num_steps, max_episode_steps, f"{env} {policy}", progress)
+    finally:
+        sim.close()
+    arrays = _d4rl_arrays(steps)
+    if not np.any(arrays["terminals"] | arrays["timeouts"]):
+        # The file format needs at least one episode end; the loader reads an unfinished tail as a timeout.
+        arrays["timeouts"][-1] = True
+    attrs = _attrs(env, policy, seed, num_steps, max_episode_steps, np.asarray(returns))
+    return arrays, attrs
+
+
+def _rollout(
+    sim: Any,
+    policy: UniformPolicy,
+    rng: np.random.Generator,
+    num_steps: int,
+    max_episode_steps: int,
+    desc: str,
+    progress: bool,
+) -> tuple[dict[str, list], list[float]]:
+    """Step one env ``num_steps`` times; return per-step records and the returns of finished episodes."""
+    keys = ("obs", "action", "reward", "terminal", "timeout", "next_obs", "qpos", "qvel", "log_prob")
+    steps: dict[str, list] = {key: [] for key in keys}
+    returns: list[float] = []
+    obs, _ = sim.reset(seed=int(rng.integers(2**31)))
+    t, ret = 0, 0.0
+    for _ in tqdm(range(num_steps), desc=f"{desc} rollout (steps)", disable=not progress):
+        qpos, qvel = sim.data.qpos.copy(), sim.data.qvel.copy()
+        action, log_prob = policy(obs, rng)
+        next_obs, reward, terminated, _, _ = sim.step(action)
+        t += 1
+        ret += reward
+        timeout = not terminated and t >= max_episode_steps
+        record = (obs, action, reward, terminated, timeout, next_obs, qpos, qvel, log_prob)
+        for key, value in zip(keys, record, strict=True):
+            steps[key].append(value)
+        if terminated or timeout:
+            returns.append(ret)
+            obs, _ = sim.reset(seed=int(rng.integers(2**31)))
+            t, ret = 0, 0.0
+        else:
+            obs = next_obs
+    return steps, returns
+
+
+def _d4rl_arrays(steps: dict[str, list]) -> Arrays:
+    """Stack per-step records into D4RL-layout arrays and dtypes."""
+    return {
+        "observations": np.asarray(steps["obs"], dtype=np.float32),
+        "actions": np.asarray(steps["action"], dtype=np.float32),
+        "rewards": np.asarray(steps["reward"], dtype=np.float32),
+        "terminals": np.asarray(steps["terminal"], dtype=bool),
+        "timeouts": np.asarray(steps["timeout"], dtype=bool),
+        "next_observations": np.asarray(steps["next_obs"], dtype=np.float32),
+        "infos/qpos": np.asarray(steps["qpos"], dtype=np.float64),
+        "infos/qvel": np.asarray(steps["qvel"], dtype=np.float64),
+        "infos/action_log_probs": np.asarray(steps["log_prob"], dtype=np.float64),
+    }
+
+
+def _attrs(
+    env: str, policy: str, seed: int, num_steps: int, max_episode_steps: int, returns: np.ndarray
+) -> dict[str, Any]:
+    """Summary attributes; no wall-clock time, so the same arguments give the same file bytes.
+
+    Returns cover only episodes that really ended (termination or step limit), not the unfinished tail.
+    """
+    attrs: dict[str, Any] = {
+        "env": env,
+        "gym_id": MUJOCO_ENVS[env],
+        "policy": policy,
+        "seed": seed,
+        "num_steps": num_steps,
+        "max_episode_steps": max_episode_steps,
+        "num_episodes": int(returns.size),
+        "mean_return": None,
+        "mean_normalized_score": None,
+        "generator": "mujoco",
+    }
+    if returns.size:
+        attrs["mean_return"] = float(returns.mean())
+        attrs["mean_normalized_score"] = float(normalized_score(env, returns).mean())
+    return attrs
