@@ -451,3 +451,49 @@ def test_fetch_rejects_a_corrupt_cached_file(server: _Server, served: Served, tm
     (tmp_path / FILENAME).write_bytes(served.body[:-1])
     with pytest.raises(DataError, match=rf"{served.size - 1} bytes, expected {served.size} bytes"):
         fetch(server, served, tmp_path / "dest.hdf5", search_dirs=[tmp_path])
+
+
+# --- the `data` stage ---------------------------------------------------------------------------------
+
+
+def test_data_stage_downloads_a_d4rl_task_that_labels_and_tokens_then_read(
+    server: _Server, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m trifle data task=<a D4RL task>` fetches the file through the task config's URL and
+    checksum, and the next stages read it: TT's -100 termination penalty lands on the terminal step."""
+    from trifle.__main__ import main
+    from trifle.data.labels import load_labeled
+    from trifle.data.tokens import load_tokens
+
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    raw, labeled, tokens = (tmp_path / "data" / name for name in ("raw.hdf5", "labeled.npz", "tokens.npz"))
+    common = [f"task={NAME}", "progress=false"]
+    dataset = [
+        f"task.dataset.base_url={base_url(server)}",
+        f"task.dataset.size={served.size}",
+        f"task.dataset.sha256={served.sha256}",
+    ]
+    assert main(["data", *common, *dataset, f"paths.raw={raw}"]) == 0
+    assert raw.read_bytes() == served.body and (tmp_path / "data" / "raw.hdf5.run.json").is_file()
+    assert main(["labels", *common, f"paths.raw={raw}", f"paths.labeled={labeled}"]) == 0
+    assert load_labeled(labeled).rewards[120] == -100.0
+    assert main(["tokens", *common, f"paths.labeled={labeled}", f"paths.tokens={tokens}"]) == 0
+    data = load_tokens(tokens)
+    assert (data.obs_dim, data.act_dim) == (11, 3) and data.tokens.max() < 100
+
+
+def test_data_stage_with_a_wrong_checksum_fails_cleanly(
+    server: _Server, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from trifle.__main__ import main
+
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    raw = tmp_path / "raw.hdf5"
+    args = ["data", f"task={NAME}", "progress=false", f"task.dataset.base_url={base_url(server)}"]
+    args.append(f"task.dataset.size={served.size}")
+    assert main([*args, f"task.dataset.sha256={'0' * 64}", f"paths.raw={raw}"]) == 1
+    err = capsys.readouterr().err
+    assert NAME in err and "0" * 64 in err
+    assert not raw.exists() and not partial_path(raw).exists()

@@ -1,4 +1,5 @@
-"""End to end on tiny data: the whole DAG, provenance, exact reruns, and the DVC sharing round trip.
+"""End to end on tiny data (the toy tasks and a generated Gym-MuJoCo dataset): the whole DAG, provenance,
+exact reruns, and the DVC sharing round trip.
 
 One producer run serves every check (it is the slow part): run the smoke config through `dvc repro`,
 push to a local remote, clone, `python -m trifle sync`, and confirm Snakemake has nothing left to do.
@@ -38,7 +39,7 @@ def test_default_target_writes_the_models_table(produced):
         rows = list(csv.DictReader(fh))
     assert {(r["task"], r["model"]) for r in rows} == {
         (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("gpt", "pc", "dt")
-    }
+    } | {("hopper-random-local", "gpt"), ("hopper-random-local", "pc")}
     for row in rows:
         assert float(row["heldout_ll_per_token"]) < 0 and float(row["train_seconds"]) > 0
     assert (project / "results" / "tables" / "models.md").read_text().startswith("| task |")
@@ -57,6 +58,28 @@ def test_summary_has_every_method_and_a_figure(produced):
     assert (project / "results" / "figures" / "returns.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mujoco_tables_score_every_method_and_the_constrained_ones_never_violate(produced):
+    """The Gym-MuJoCo branch on generated data: normalized scores, and zero violations under the
+    constraint for both constrained methods (the unconstrained ones are measured, not assumed)."""
+    tables = produced["project"] / "results" / "tables"
+    with open(tables / "mujoco.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    with open(tables / "safe_rl.csv") as fh:
+        safe = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"tt", "trifle-s"} and set(safe) == {"tt-safe", "trifle-s-safe"}
+    for row in [*rows.values(), *safe.values()]:
+        assert row["task"] == "hopper-random-local" and row["n_seeds"] == "1"
+        assert -5.0 < float(row["score_mean"]) < 20.0 and float(row["step_seconds"]) > 0
+        assert 0.0 <= float(row["violation_rate"]) <= 1.0
+    assert float(safe["tt-safe"]["violation_rate"]) == 0.0
+    assert float(safe["trifle-s-safe"]["violation_rate"]) == 0.0
+    md = (tables / "mujoco.md").read_text()
+    assert "| Dataset | Environment | DT (published) | TT (published) |" in md and "Hopper" in md
+    assert "violation rate" in (tables / "safe_rl.md").read_text()
+    figure = produced["project"] / "results" / "figures" / "mujoco_scores.png"
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_report_builds_with_table_and_figure(produced):
     project = produced["project"]
     snakemake(project, "--report", "report.zip")
@@ -64,6 +87,9 @@ def test_report_builds_with_table_and_figure(produced):
 
     names = zipfile.ZipFile(project / "report.zip").namelist()
     assert any(n.endswith("returns.png") for n in names) and any(n.endswith("summary.csv") for n in names)
+    assert any(n.endswith("mujoco_scores.png") for n in names) and any(
+        n.endswith("safe_rl.csv") for n in names
+    )
 
 
 def test_every_output_has_provenance_and_every_job_a_log(produced):
@@ -78,9 +104,11 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         project / "results" / "tables" / "models.csv",
         *project.glob("results/eval/*/*/seed0.json"),
         project / "results" / "tables" / "summary.csv",
+        project / "results" / "tables" / "mujoco.csv",
     ]
-    # data: raw, labeled, tokens; checkpoints: gpt, dt, pc (per task); tables; 8 evaluations.
-    assert len(outputs) == 3 * 2 + 3 * 2 + 1 + 8 + 1
+    # data: raw, labeled, tokens (3 tasks); checkpoints: gpt, dt, pc (toy tasks), gpt, pc (hopper);
+    # models table; 8 toy and 4 hopper evaluations; summary; MuJoCo tables.
+    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 1 + 12 + 1 + 1
     for output in outputs:
         info = Path(f"{output}.run.json")
         assert info.is_file(), output
@@ -91,6 +119,7 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         "evaluate",
         "labels",
         "models_table.log",
+        "mujoco_tables.log",
         "summary.log",
         "tokens",
         "train_dt",
@@ -113,8 +142,15 @@ def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
     for name in ("data", "results", ".snakemake"):
         run(["cp", "-a", str(project / name), str(changed / name)], produced["root"])
     counts = job_counts(snakemake(changed, "-n").stdout)
-    # The circuit feeds only the Trifle methods' evaluations, not tt or dt.
-    assert counts == {"train_pc": 2, "evaluate": 4, "models_table": 1, "summary": 1, "all": 1}
+    # The circuit feeds only the Trifle methods' evaluations, not tt, tt-safe or dt.
+    assert counts == {
+        "train_pc": 3,
+        "evaluate": 4 + 2,
+        "models_table": 1,
+        "summary": 1,
+        "mujoco_tables": 1,
+        "all": 1,
+    }
 
 
 def test_dvc_round_trip_restores_without_recomputation(produced):

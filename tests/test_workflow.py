@@ -30,16 +30,60 @@ def test_default_dry_run_lists_every_rule():
     }
 
 
-def test_paper_dry_run_has_every_job_with_gpu_resources():
-    out = snakemake(REPO, "-n", "--forceall", "--configfile", "workflow/config/paper.yaml").stdout
-    counts = job_counts(out)
-    assert counts["dataset"] == 4 and counts["train_gpt"] == 12 and counts["train_pc"] == 12
-    assert counts["train_dt"] == 12 and counts["evaluate"] == 48
+@pytest.fixture(scope="module")
+def paper_dry_run() -> str:
+    return snakemake(REPO, "-n", "--forceall", "--configfile", "workflow/config/paper.yaml").stdout
+
+
+def _jobs(out: str) -> list[tuple[str, str]]:
+    """(rule, block) of every job listed by a dry run."""
+    jobs = []
     for block in out.split("\n\n"):
         rule = re.search(r"rule (\w+):", block)
-        if rule and rule.group(1) in GPU_RULES:
+        if rule:
+            jobs.append((rule.group(1), block))
+    return jobs
+
+
+def test_paper_dry_run_has_every_job_with_gpu_resources(paper_dry_run):
+    counts = job_counts(paper_dry_run)
+    # 4 toy tasks x 3 seeds; 9 Gym-MuJoCo datasets x 12 seeds.
+    assert counts["dataset"] == 13 and counts["train_gpt"] == 4 * 3 + 9 * 12 and counts["train_pc"] == 120
+    assert counts["train_dt"] == 12
+    # Toy: 4 methods; MuJoCo: tt and trifle-s on 9 datasets, tt-safe and trifle-s-safe on 3.
+    assert counts["evaluate"] == 48 + 9 * 12 * 2 + 3 * 12 * 2
+    assert counts["mujoco_tables"] == counts["summary"] == counts["models_table"] == 1
+    for rule, block in _jobs(paper_dry_run):
+        if rule in GPU_RULES:
             assert "gpu=1" in block, block
             assert re.search(r"runtime=\d+", block) and "mem_mb=" in block
+
+
+def test_paper_mujoco_jobs_use_tt_training_and_the_paper_methods(paper_dry_run):
+    jobs = _jobs(paper_dry_run)
+    gpt = {
+        re.search(r"output: results/checkpoints/([\w.-]+)/gpt/seed(\d+)\.pt", b).groups(): b
+        for r, b in jobs
+        if r == "train_gpt"
+    }
+    assert len(gpt) == 120
+    assert (
+        "gpt=tt-mujoco" in gpt[("hopper-medium-v2", "11")]
+        and "gpt.steps" not in gpt[("hopper-medium-v2", "0")]
+    )
+    assert "gpt.steps=312500" in gpt[("walker2d-medium-replay-v2", "3")]
+    assert "gpt=paper" in gpt[("taxi-stochastic", "2")] and ("taxi-stochastic", "3") not in gpt
+    evals = {
+        re.search(r"output: results/eval/([\w.-]+)/([\w-]+)/seed(\d+)\.json", b).groups()
+        for r, b in jobs
+        if r == "evaluate"
+    }
+    assert ("hopper-medium-expert-v2", "trifle-s-safe", "11") in evals
+    assert ("hopper-medium-v2", "trifle-s-safe", "0") not in evals and (
+        "hopper-medium-v2",
+        "dt",
+        "0",
+    ) not in evals
 
 
 @pytest.mark.parametrize(
@@ -50,6 +94,15 @@ def test_paper_dry_run_has_every_job_with_gpu_resources():
         ("tasks: [taxi-stochastic]\nmethods: [tt, cql]\nseeds: [0]\n", "unknown method.*cql"),
         ("tasks: [taxi-stochastic]\nseeds: [0]\nbeam: 3\n", "beam"),
         ("tasks: [taxi-stochastic]\nseeds: [0]\noverrides: [gpt.n_embd=65]\n", "gpt.n_embd"),
+        (
+            "tasks: [taxi-stochastic]\nseeds: [0]\nper_task: {hopper-medium-v2: {seeds: [1]}}\n",
+            "per_task.*hopper",
+        ),
+        (
+            "tasks: [taxi-stochastic]\nseeds: [0]\nper_task: {taxi-stochastic: {methods: [sac]}}\n",
+            "unknown method.*sac",
+        ),
+        ("tasks: [taxi-stochastic]\nseeds: [0]\nper_task: {taxi-stochastic: {beam: 3}}\n", "beam"),
     ],
 )
 def test_bad_workflow_config_fails_before_any_job(tmp_path, config, message):

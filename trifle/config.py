@@ -33,6 +33,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "task.pc_window",
         "task.dt_target_return",
         "task.action_constraint",
+        "task.planning",
         "planner",
         "eval",
         "seed",

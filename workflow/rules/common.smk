@@ -155,10 +155,11 @@ def evaluation_inputs(wildcards):
     """The checkpoints a method plans with (named as the `paths.*` keys the evaluate stage reads)."""
     ckpt = "results/checkpoints/{task}/{model}/seed{seed}.{ext}"
     fill = dict(task=wildcards.task, seed=wildcards.seed)
-    if wildcards.method == "dt":
+    method = compose(hydra_overrides(wildcards))["planner"]["method"]
+    if method == "dt":
         return {"labeled": f"data/labeled/{wildcards.task}.npz", "dt": ckpt.format(model="dt", ext="pt", **fill)}
     inputs = {"tokens": f"data/tokens/{wildcards.task}.npz", "gpt": ckpt.format(model="gpt", ext="pt", **fill)}
-    if wildcards.method != "tt":
+    if method != "tt":
         inputs["pc"] = ckpt.format(model="pc", ext="jpc", **fill)
     return inputs
 
