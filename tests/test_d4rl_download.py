@@ -497,3 +497,30 @@ def test_data_stage_with_a_wrong_checksum_fails_cleanly(
     err = capsys.readouterr().err
     assert NAME in err and "0" * 64 in err
     assert not raw.exists() and not partial_path(raw).exists()
+
+
+def test_data_stage_takes_a_users_own_dataset_file(served: Served, tmp_path: Path) -> None:
+    """generator 'file': a D4RL-layout file of one's own, pinned by sha256 when given; a file that is not
+    in D4RL's layout fails in the `data` stage and leaves no output behind (the user's file stays)."""
+    from trifle.config import compose
+    from trifle.errors import DataError
+    from trifle.stages import data
+
+    cfg = compose(["task=hopper-random-local", "progress=false"])
+    out = tmp_path / "raw" / "mine.hdf5"
+    cfg["paths"]["raw"] = str(out)
+    cfg["task"]["dataset"] = {"generator": "file", "path": str(served.path), "sha256": served.sha256}
+    assert data.run(cfg) == out and out.read_bytes() == served.body
+    cfg["task"]["dataset"]["sha256"] = "f" * 64
+    out.unlink()
+    with pytest.raises(DataError, match="f" * 64):
+        data.run(cfg)
+    bad = tmp_path / "not-d4rl.hdf5"
+    bad.write_bytes(b"not an hdf5 file")
+    cfg["task"]["dataset"] = {"generator": "file", "path": str(bad)}
+    with pytest.raises(DataError, match="not a readable hdf5"):
+        data.run(cfg)
+    assert not out.exists() and bad.is_file()
+    cfg["task"]["dataset"] = {"generator": "file", "file": str(bad)}
+    with pytest.raises(ConfigError, match="takes `path`"):
+        data.run(cfg)

@@ -101,3 +101,52 @@ def test_evaluation_file_missing_key_is_named(tmp_path):
     write_json(tmp_path / "e.json", {"task": "t"})
     with pytest.raises(DataError, match="e.json.*'method'"):
         load_evaluation(tmp_path / "e.json")
+
+
+class ConstantAction:
+    """The same raw action in every environment (a continuous-action policy)."""
+
+    def __init__(self, action: list[float]) -> None:
+        self.action = np.asarray(action, float)
+
+    def reset(self, num_envs: int, seed: int) -> None:
+        pass
+
+    def act(self, env_ids: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        return np.tile(self.action, (len(env_ids), 1))
+
+    def record(self, env_ids: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
+        pass
+
+
+def test_mujoco_rollouts_count_every_constraint_violation_and_match_single_env_returns():
+    """Hopper with a fixed action: every step breaks foot <= 0.5 (0.8 > 0.5) and none breaks thigh <= 0.9;
+    the constraint is only measured, so it does not change the episodes."""
+    from trifle.envs.mujoco import VectorMujocoEnv
+    from trifle.planning.constraints import Bound
+
+    def factory(n: int, seed: int):
+        return VectorMujocoEnv("hopper", n, seed, max_episode_steps=30)
+
+    policy = ConstantAction([0.1, -0.2, 0.8])
+    results = evaluate_policy(
+        policy,
+        factory,
+        episodes=3,
+        batch_episodes=3,
+        seed=4,
+        progress=False,
+        constraint=[Bound(2, None, 0.5)],
+    )
+    assert results.violations == results.steps and results.violation_rate == 1.0
+    assert results.env_steps == sum(results.steps) and all(1 <= s <= 30 for s in results.steps)
+    ok = evaluate_policy(
+        policy,
+        factory,
+        episodes=3,
+        batch_episodes=3,
+        seed=4,
+        progress=False,
+        constraint=[Bound(0, None, 0.9)],
+    )
+    assert ok.violations == [0, 0, 0] and ok.returns == results.returns

@@ -1,5 +1,7 @@
 """Gym-MuJoCo tasks: D4RL scores, the vector env's conventions and the D4RL-layout dataset generator."""
 
+import sys
+
 import mujoco
 import numpy as np
 import pytest
@@ -266,3 +268,183 @@ def test_dataset_deterministic(hopper_data):
 def test_dataset_rejects_bad_options(options, name):
     with pytest.raises(ConfigError, match=name):
         generate_mujoco_dataset(**{"env": "hopper", "num_steps": 10, "progress": False, **options})
+
+
+# --- SAC behaviour policy (stable-baselines3, optional) -------------------------------------------------
+
+SAC_STEPS = 200  # tiny budgets: learning_starts = steps // 10, so a few hundred updates (seconds on 1 thread)
+
+
+class Interrupted(Exception):
+    """Stands in for a killed training job."""
+
+
+@pytest.fixture(scope="module")
+def sac_run(tmp_path_factory):
+    """One finished tiny SAC training, and two 'sac' datasets rolled out from its work directory."""
+    pytest.importorskip("stable_baselines3")
+    from trifle.data.behaviour import train_sac
+
+    work_dir = tmp_path_factory.mktemp("sac")
+    model = train_sac("hopper", steps=SAC_STEPS, seed=0, work_dir=work_dir, progress=False)
+    options = {"env": "hopper", "num_steps": 300, "seed": 0, "max_episode_steps": 40, "progress": False}
+    first = generate_mujoco_dataset(**options, policy="sac", sac_steps=SAC_STEPS, work_dir=str(work_dir))
+    second = generate_mujoco_dataset(**options, policy="sac", sac_steps=SAC_STEPS, work_dir=work_dir)
+    return model, work_dir, first, second
+
+
+def actor_params(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.actor.state_dict().items()}
+
+
+def test_sac_training_resumes_from_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3 import SAC
+
+    from trifle.data import behaviour
+
+    real_save = behaviour._save_checkpoint
+
+    def save_then_die(model, work_dir, step):
+        real_save(model, work_dir, step)
+        if step == 200:
+            raise Interrupted
+
+    monkeypatch.setattr(behaviour, "_save_checkpoint", save_then_die)
+    run = {"env": "hopper", "steps": 300, "seed": 3, "work_dir": tmp_path, "checkpoint_every": 100}
+    with pytest.raises(Interrupted):
+        behaviour.train_sac(**run, progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"sac_args.json", "sac_model_200.zip", "sac_replay_200.pkl"}, "older checkpoints go"
+
+    monkeypatch.setattr(behaviour, "_save_checkpoint", real_save)
+    real_learn, calls = SAC.learn, []
+
+    def counting_learn(self, total_timesteps, **kwargs):
+        calls.append((self.num_timesteps, total_timesteps, self.replay_buffer.size()))
+        return real_learn(self, total_timesteps, **kwargs)
+
+    monkeypatch.setattr(SAC, "learn", counting_learn)
+    model = behaviour.train_sac(**run, progress=False)
+    assert calls == [(200, 100, 200)], "resumes at the checkpoint with its replay buffer"
+    assert model.num_timesteps == 300
+    assert {p.name for p in tmp_path.iterdir()} == {"sac_args.json", "sac_final.zip"}
+
+    again = behaviour.train_sac(**run, progress=False)
+    assert len(calls) == 1, "a finished training is only loaded"
+    assert again.num_timesteps == 300
+    for key, value in actor_params(model).items():
+        np.testing.assert_array_equal(actor_params(again)[key], value)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"), [({"seed": 1}, "seed"), ({"env": "walker2d"}, "env"), ({"steps": 9}, "steps")]
+)
+def test_sac_checkpoint_from_other_arguments_is_refused(sac_run, change, key):
+    from trifle.data.behaviour import train_sac
+    from trifle.errors import CheckpointError
+
+    _, work_dir, _, _ = sac_run
+    run = {"env": "hopper", "steps": SAC_STEPS, "seed": 0, "work_dir": work_dir, "progress": False, **change}
+    with pytest.raises(CheckpointError, match=f"{work_dir}.*{key}="):
+        train_sac(**run)
+
+
+def test_sac_training_refuses_unlabelled_files(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    from trifle.data.behaviour import train_sac
+    from trifle.errors import CheckpointError
+
+    (tmp_path / "sac_final.zip").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="sac_args.json"):
+        train_sac("hopper", steps=10, seed=0, work_dir=tmp_path, progress=False)
+
+
+def test_sac_training_deterministic(sac_run, tmp_path):
+    """An uninterrupted training is a function of its seed (one thread, one machine)."""
+    from trifle.data.behaviour import train_sac
+
+    model = sac_run[0]
+    again = train_sac("hopper", steps=SAC_STEPS, seed=0, work_dir=tmp_path, progress=False)
+    for key, value in actor_params(model).items():
+        np.testing.assert_array_equal(actor_params(again)[key], value)
+
+
+def test_sac_dataset_layout_and_round_trip(sac_run, tmp_path):
+    _, _, (arrays, attrs), _ = sac_run
+    assert attrs["policy"] == "sac" and attrs["sac_steps"] == SAC_STEPS and attrs["num_steps"] == 300
+    assert attrs["num_episodes"] >= 1 and attrs["behaviour_return"] == attrs["mean_return"]
+    assert arrays["observations"].shape == arrays["next_observations"].shape == (300, 11)
+    assert arrays["actions"].shape == (300, 3) and arrays["actions"].dtype == np.float32
+    assert np.abs(arrays["actions"]).max() <= 1.0
+    log_probs = arrays["infos/action_log_probs"]
+    assert log_probs.dtype == np.float64 and np.isfinite(log_probs).all()
+    assert np.unique(log_probs).size > 1, "a Gaussian policy's log-densities vary"
+    for start, end in episode_bounds(arrays):
+        assert end - start <= 40
+        np.testing.assert_array_equal(
+            arrays["next_observations"][start : end - 1], arrays["observations"][start + 1 : end]
+        )
+    save_dataset(tmp_path / "hopper-sac.hdf5", arrays, attrs)
+    data = load_dataset(tmp_path / "hopper-sac.hdf5")
+    assert data.attrs == attrs
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(data.arrays()[key], value)
+
+
+def test_sac_dataset_deterministic(sac_run):
+    _, _, (arrays, attrs), (again, attrs_again) = sac_run
+    assert attrs_again == attrs
+    for key, value in arrays.items():
+        assert again[key].dtype == value.dtype
+        np.testing.assert_array_equal(again[key], value)
+
+
+def test_sac_dataset_actions_follow_the_policy(sac_run):
+    """Stored actions and log-probs are those of SAC's squashed Gaussian, as SB3 computes them."""
+    import torch
+
+    from trifle.data.behaviour import SACBehaviour
+
+    model, _, (arrays, _), _ = sac_run
+    act = SACBehaviour(model, -np.ones(3), np.ones(3))
+    for i in (0, 17, 250):
+        mean, log_std = act.gaussian(arrays["observations"][i])
+        u = np.arctanh(arrays["actions"][i].astype(np.float64))
+        z = (u - mean) / np.exp(log_std)
+        assert np.all(np.abs(z) < 6), "the action is a plausible draw from the policy"
+        dist = model.actor.action_dist.proba_distribution(
+            torch.as_tensor(mean[None]), torch.as_tensor(log_std[None])
+        )
+        sb3 = dist.log_prob(torch.as_tensor(np.tanh(u)[None]), torch.as_tensor(u[None])).item()
+        assert arrays["infos/action_log_probs"][i] == pytest.approx(sb3, abs=1e-3)
+
+
+def test_squashed_gaussian_log_prob_is_exact_and_finite():
+    pytest.importorskip("stable_baselines3")
+    from trifle.data.behaviour import squashed_gaussian_log_prob
+
+    # 1-D change of variables: density of a = tanh(u) is N(u) / (1 - tanh(u)^2).
+    u, mean, log_std = np.array([0.3]), np.array([0.1]), np.array([-0.5])
+    std = np.exp(log_std)
+    expected = -0.5 * ((u - mean) / std) ** 2 - np.log(std * np.sqrt(2 * np.pi)) - np.log(1 - np.tanh(u) ** 2)
+    assert squashed_gaussian_log_prob(u, mean, log_std) == pytest.approx(float(expected[0]), rel=1e-12)
+    assert np.isfinite(squashed_gaussian_log_prob(np.array([40.0, -40.0]), np.zeros(2), np.zeros(2)))
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [({"sac_steps": 0, "work_dir": "x"}, "sac_steps"), ({}, "work directory")],
+)
+def test_sac_dataset_rejects_bad_options(options, name):
+    with pytest.raises(ConfigError, match=name):
+        generate_mujoco_dataset(env="hopper", num_steps=10, policy="sac", progress=False, **options)
+
+
+def test_sac_dataset_without_stable_baselines3_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "stable_baselines3", None)
+    monkeypatch.delitem(sys.modules, "trifle.data.behaviour", raising=False)
+    with pytest.raises(TrifleError, match="stable-baselines3"):
+        generate_mujoco_dataset(
+            env="hopper", num_steps=10, policy="sac", sac_steps=10, work_dir=tmp_path, progress=False
+        )

@@ -158,10 +158,15 @@ def test_table2_layout():
     )
     lines = paper_table2_markdown(rows).splitlines()
     assert lines[0] == (
-        "| Dataset | Environment | TT score | TT violation rate | Trifle score | Trifle violation rate |"
+        "| Dataset | Environment | TT score | TT return | TT violation rate | Trifle score | Trifle return"
+        " | Trifle violation rate |"
     )
-    assert lines[2] == "| Medium-Expert | Hopper | 82.0 ± 2.0 | 6.00% | 102.0 ± 2.0 | 0.00% |"
-    assert lines[3] == "| Medium-Expert | Walker2d | – | – | 90.0 | 1.00% |"
+    # Returns are 10 x the scores in these records.
+    assert (
+        lines[2]
+        == "| Medium-Expert | Hopper | 82.0 ± 2.0 | 820.0 ± 20.0 | 6.00% | 102.0 ± 2.0 | 1020.0 ± 20.0 | 0.00% |"
+    )
+    assert lines[3] == "| Medium-Expert | Walker2d | – | – | – | 90.0 | 900.0 | 1.00% |"
     assert len([line for line in lines if line.startswith("| Medium")]) == 2
 
 

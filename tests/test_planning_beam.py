@@ -260,10 +260,11 @@ def _rollout(planner, seed: int, steps: int = 4) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _planner(models, method: str, **overrides):
+def _planner(models, method: str, constraint=None, **overrides):
     gpt, circuit = models
     return make_planner(
         _cfg(method, **overrides),
+        constraint=constraint,
         model=gpt,
         discretizer=_toy_discretizer(),
         obs_dim=OBS,
@@ -301,6 +302,32 @@ def test_trifle_correction_changes_the_first_action(models):
         obs = np.zeros((200, 1))
         counts[method] = int((planner.act(np.arange(200), obs)[:, 0] == 0).sum())
     assert counts["trifle-s"] > counts["tt"] + 20, counts
+
+
+@pytest.mark.parametrize("method", ["tt", "trifle-s", "trifle-m"])
+def test_constrained_planners_never_execute_a_disallowed_action(models, method):
+    """act0 decodes to 0, 1, 2; the constraint act0 <= 1 forbids bin 2, which the unconstrained
+    planner does choose, at every planning step and in every environment."""
+    constraint = [{"dim": 0, "high": 1.0}]
+    free = _rollout(_planner(models, method, constraint, beam_width=1, expansion_factor=1), seed=2, steps=8)
+    assert (free[:, 0] == 2).any()
+    for use_cache in (True, False):
+        planner = _planner(
+            models,
+            method,
+            constraint,
+            constrained=True,
+            beam_width=1,
+            expansion_factor=1,
+            use_cache=use_cache,
+        )
+        safe = _rollout(planner, seed=2, steps=8)
+        assert set(safe[:, 0]) <= {0.0, 1.0}
+
+
+def test_a_constraint_no_bin_can_satisfy_fails_before_planning(models):
+    with pytest.raises(ConfigError, match="no bin of action dimension 1"):
+        _planner(models, "tt", [{"dim": 1, "low": 1.5}], constrained=True)
 
 
 # ----------------------------------------------------------------------------- configuration checks

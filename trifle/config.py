@@ -157,8 +157,9 @@ def _validate_task(cfg: dict[str, Any]) -> None:
     dataset = get(cfg, "task.dataset")
     if "epsilon" in dataset:
         _in_unit_interval(cfg, "task.dataset.epsilon")
-    if "num_episodes" in dataset:
-        _positive_int(cfg, "task.dataset.num_episodes")
+    for key in ("num_episodes", "num_steps", "max_episode_steps"):
+        if key in dataset:
+            _positive_int(cfg, f"task.dataset.{key}")
     _in_unit_interval(cfg, "task.labels.discount")
     penalty = get(cfg, "task.labels.termination_penalty")
     _require(

@@ -2,7 +2,7 @@
 
 The pipeline's outputs (`results/tables`, `results/figures`) are DVC-tracked, not committed, so a
 fresh clone reruns the workflow. `python -m trifle.publish` after a run copies the Markdown tables
-and the returns figure to `docs/results/` and into README.md between its marker comments; a test
+and figures it finds to `docs/results/` and the tables into README.md between its marker comments; a test
 checks that the README shows exactly the published tables.
 """
 
@@ -14,16 +14,25 @@ from pathlib import Path
 
 from trifle.io import atomic_path
 
-TABLES = ("summary", "models")
-FIGURES = ("returns.png",)
+TABLES = ("summary", "models", "mujoco", "safe_rl")
+FIGURES = ("returns.png", "mujoco_scores.png")
 
 
-def publish(root: Path = Path(".")) -> None:
-    results, docs = root / "results", root / "docs" / "results"
+def publish(root: Path = Path("."), results: Path | None = None) -> None:
+    """Copy the tables and figures found under ``results`` (default ``<root>/results``) into ``root``.
+
+    ``results`` may belong to another checkout: the MuJoCo CPU configuration runs in its own copy, so
+    that its models table does not replace the default run's.
+    """
+    results = root / "results" if results is None else Path(results)
+    docs = root / "docs" / "results"
     readme = root / "README.md"
     text = readme.read_text()
     for name in TABLES:
-        table = (results / "tables" / f"{name}.md").read_text()
+        source = results / "tables" / f"{name}.md"
+        if not source.is_file():
+            continue  # a run of another configuration (toy tasks only, MuJoCo only) keeps the others
+        table = source.read_text()
         with atomic_path(docs / f"{name}.md") as tmp:
             tmp.write_text(table)
         block = f"<!-- {name}-table:start -->\n{table}<!-- {name}-table:end -->"
@@ -34,11 +43,23 @@ def publish(root: Path = Path(".")) -> None:
             flags=re.S,
         )
     for name in FIGURES:
+        if not (results / "figures" / name).is_file():
+            continue
         with atomic_path(docs / name) as tmp:
             shutil.copyfile(results / "figures" / name, tmp)
     with atomic_path(readme) as tmp:
         tmp.write_text(text)
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trifle.publish", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--results", type=Path, default=None, help="results directory of the run (default: results)"
+    )
+    publish(Path("."), parser.parse_args(argv).results)
+
+
 if __name__ == "__main__":
-    publish()
+    main()

@@ -393,6 +393,21 @@ def fetch_d4rl(
     )
 
 
+def fetch_file(
+    path: str | os.PathLike[str], dest: str | os.PathLike[str], *, sha256: str | None, label: str
+) -> Path:
+    """Put a dataset file a user already has (not a published D4RL one) at ``dest``.
+
+    The file must exist; with ``sha256`` it must also match it, so a config can pin the exact bytes of a
+    shared dataset the way the D4RL tasks pin the published ones.
+    """
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise DataError(f"{source}: dataset file of {label} not found (task.dataset.path)")
+    verify_file(source, size=None, sha256=sha256, label=label)
+    return _place(source, Path(dest))
+
+
 def _find_cached(entry: D4RLFile, dest: Path, search_dirs: Sequence[str | Path] | None) -> Path | None:
     """The first ``entry.filename`` in the search directories (skipping ``dest`` itself, already checked)."""
     for directory in default_search_dirs() if search_dirs is None else search_dirs:

@@ -7,25 +7,36 @@ reproduce D4RL's v2 envs: ``infos/qpos``/``infos/qvel`` hold the simulator state
 ``timeouts`` flag steps that hit the step limit, and an episode left unfinished at the end of the data is
 left unflagged, as D4RL does.
 
-Every random draw (actions and env reset seeds) comes from one ``numpy`` Generator seeded by ``seed``,
-so a seed fixes the dataset bit for bit.
+Two behaviour policies: ``"random"`` (uniform actions) and ``"sac"``, a stable-baselines3 SAC agent
+trained for ``sac_steps`` env steps, like the partly trained SAC agents behind D4RL's "medium" datasets
+(see :mod:`trifle.data.behaviour`; it needs the ``behaviour`` extra).
+
+Every random draw of the rollout (actions, the SAC policy's noise and env reset seeds) comes from one
+``numpy`` Generator seeded by ``seed``, so a seed (and, for SAC, the trained model) fixes the dataset bit
+for bit.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from trifle.envs.mujoco import MUJOCO_ENVS, check_env_name, make_raw_env, normalized_score
-from trifle.errors import ConfigError
+from trifle.errors import ConfigError, TrifleError
 
 Arrays = dict[str, np.ndarray]
-POLICIES = ("random",)
+Policy = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, float]]
+POLICIES = ("random", "sac")
 
 
-def _check_options(env: str, num_steps: int, policy: str, max_episode_steps: int) -> None:
+def _check_options(
+    env: str, num_steps: int, policy: str, max_episode_steps: int, sac_steps: int, work_dir: str | Path | None
+) -> None:
     """Reject bad generator options with a message naming the option."""
     check_env_name(env)
     if policy not in POLICIES:
@@ -34,6 +45,12 @@ def _check_options(env: str, num_steps: int, policy: str, max_episode_steps: int
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
     if max_episode_steps < 1:
         raise ConfigError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+    if policy == "sac" and sac_steps < 1:
+        raise ConfigError(f"sac_steps must be >= 1, got {sac_steps}")
+    if policy == "sac" and work_dir is None:
+        raise ConfigError(
+            "policy 'sac' needs a work directory (work_dir) for the SAC training checkpoints, got none"
+        )
 
 
 class UniformPolicy:
@@ -57,14 +74,28 @@ def generate_mujoco_dataset(
     policy: str = "random",
     max_episode_steps: int = 1000,
     progress: bool = True,
+    sac_steps: int = 100_000,
+    work_dir: str | Path | None = None,
 ) -> tuple[Arrays, dict[str, Any]]:
-    """Roll out ``policy`` in one env for exactly ``num_steps`` steps, resetting on termination or timeout."""
-    _check_options(env, num_steps, policy, max_episode_steps)
+    """Roll out ``policy`` in one env for exactly ``num_steps`` steps, resetting on termination or timeout.
+
+    For ``policy="sac"`` a SAC agent is first trained for ``sac_steps`` env steps with seed ``seed``, or
+    loaded, into ``work_dir`` (resumable; see :func:`trifle.data.behaviour.train_sac`), and its stochastic
+    policy is rolled out; ``infos/action_log_probs`` then holds the exact log-density of each stored action.
+    """
+    _check_options(env, num_steps, policy, max_episode_steps, sac_steps, work_dir)
     rng = np.random.default_rng(seed)
     sim = make_raw_env(env)
     try:
-        act = UniformPolicy(sim.action_space.low, sim.action_space.high)
-        steps, returns = _rollout(sim, act, rng, num_steps, max_episode_steps, f"{env} {policy}", progress)
+        if policy == "sac":
+            steps, returns = _sac_rollout(
+                sim, env, seed, sac_steps, Path(work_dir), rng, num_steps, max_episode_steps, progress
+            )
+        else:
+            act = UniformPolicy(sim.action_space.low, sim.action_space.high)
+            steps, returns = _rollout(
+                sim, act, rng, num_steps, max_episode_steps, f"{env} {policy}", progress
+            )
     finally:
         sim.close()
     arrays = _d4rl_arrays(steps)
@@ -72,12 +103,50 @@ def generate_mujoco_dataset(
         # The file format needs at least one episode end; the loader reads an unfinished tail as a timeout.
         arrays["timeouts"][-1] = True
     attrs = _attrs(env, policy, seed, num_steps, max_episode_steps, np.asarray(returns))
+    if policy == "sac":
+        attrs["sac_steps"] = sac_steps
+        # The trained policy's mean return over the dataset's complete episodes (so equal to mean_return),
+        # named for what it measures: how good the "medium" behaviour policy is.
+        attrs["behaviour_return"] = attrs["mean_return"]
     return arrays, attrs
+
+
+def _behaviour_module() -> Any:
+    """Import :mod:`trifle.data.behaviour` lazily: stable-baselines3 is an optional dependency."""
+    try:
+        behaviour = importlib.import_module("trifle.data.behaviour")
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("stable_baselines3"):
+            raise
+        raise TrifleError(
+            "policy 'sac' needs stable-baselines3: pip install 'stable-baselines3>=2.3,<3' "
+            "(or the package's 'behaviour' extra)"
+        ) from err
+    return behaviour
+
+
+def _sac_rollout(
+    sim: Any,
+    env: str,
+    seed: int,
+    sac_steps: int,
+    work_dir: Path,
+    rng: np.random.Generator,
+    num_steps: int,
+    max_episode_steps: int,
+    progress: bool,
+) -> tuple[dict[str, list], list[float]]:
+    """Train or load the SAC behaviour policy, then roll it out on one torch thread."""
+    behaviour = _behaviour_module()
+    model = behaviour.train_sac(env, steps=sac_steps, seed=seed, work_dir=work_dir, progress=progress)
+    act = behaviour.SACBehaviour(model, sim.action_space.low, sim.action_space.high)
+    with behaviour.torch_threads(1):
+        return _rollout(sim, act, rng, num_steps, max_episode_steps, f"{env} sac", progress)
 
 
 def _rollout(
     sim: Any,
-    policy: UniformPolicy,
+    policy: Policy,
     rng: np.random.Generator,
     num_steps: int,
     max_episode_steps: int,

@@ -22,7 +22,17 @@ from trifle.evaluation.summary import METHOD_ORDER, load_evaluation
 from trifle.io import atomic_path
 from trifle.stages.tables import write_table
 
-MUJOCO_COLUMNS = ("task", "method", "n_seeds", "score_mean", "score_sem", "violation_rate", "step_seconds")
+MUJOCO_COLUMNS = (
+    "task",
+    "method",
+    "n_seeds",
+    "score_mean",
+    "score_sem",
+    "violation_rate",
+    "step_seconds",
+    "return_mean",
+    "return_sem",
+)
 
 # Normalized D4RL scores (x100, v2 datasets) reported by the Trajectory Transformer (Janner et al., 2021)
 # and Decision Transformer (Chen et al., 2021) papers, as quoted in the Trifle paper's Table 1.
@@ -62,7 +72,7 @@ REQUIRED_KEYS = (
     "plan_seconds",
     "env_steps",
 )
-REQUIRED_EPISODE_KEYS = ("scores", "steps", "violations")
+REQUIRED_EPISODE_KEYS = ("scores", "returns", "steps", "violations")
 SAFE_SUFFIX = "-safe"
 # The paper's row order: datasets from best to worst data, environments alphabetically as in D4RL.
 DATASET_ORDER = ("medium-expert", "medium", "medium-replay")
@@ -90,7 +100,7 @@ def check_record(record: dict[str, Any]) -> None:
     lengths = {key: len(episodes[key]) for key in REQUIRED_EPISODE_KEYS}
     if len(set(lengths.values())) != 1 or not lengths["scores"]:
         raise DataError(
-            f"evaluation record {_record_id(record)}: episodes.scores/steps/violations must be non-empty "
+            f"evaluation record {_record_id(record)}: episodes.scores/returns/steps/violations must be non-empty "
             f"lists of one length, got lengths {lengths}"
         )
 
@@ -126,16 +136,22 @@ def _single(group: list[dict[str, Any]], key: str) -> Any:
     return values.pop()
 
 
+def _mean_and_sem(per_seed: list[list[float]]) -> tuple[float, float]:
+    """Mean over seeds of each seed's episode mean, and its standard error (see :func:`score_rows`)."""
+    episodes = [np.asarray(values, dtype=float) for values in per_seed]
+    seed_means = np.array([e.mean() for e in episodes])
+    # One seed has no between-seed spread to report; the episode-level error is the best available.
+    return float(seed_means.mean()), _sem(seed_means) if len(episodes) >= 2 else _sem(episodes[0])
+
+
 def _score_row(group: list[dict[str, Any]]) -> dict[str, Any]:
     seeds = [r["seed"] for r in group]
     if len(set(seeds)) != len(seeds):
         raise DataError(
             f"evaluation records task={group[0]['task']} method={group[0]['method']}: duplicate seeds {seeds}"
         )
-    episode_scores = [np.asarray(r["episodes"]["scores"], dtype=float) for r in group]
-    seed_means = np.array([s.mean() for s in episode_scores])
-    # One seed has no between-seed spread to report; the episode-level error is the best available.
-    sem = _sem(seed_means) if len(group) >= 2 else _sem(episode_scores[0])
+    score_mean, sem = _mean_and_sem([r["episodes"]["scores"] for r in group])
+    return_mean, return_sem = _mean_and_sem([r["episodes"]["returns"] for r in group])
     steps = sum(int(np.sum(r["episodes"]["steps"])) for r in group)
     violations = sum(int(np.sum(r["episodes"]["violations"])) for r in group)
     env_steps = sum(r["env_steps"] for r in group)
@@ -143,8 +159,10 @@ def _score_row(group: list[dict[str, Any]]) -> dict[str, Any]:
         "task": group[0]["task"],
         "method": group[0]["method"],
         "n_seeds": len(group),
-        "score_mean": float(seed_means.mean()),
+        "score_mean": score_mean,
         "score_sem": sem,
+        "return_mean": return_mean,
+        "return_sem": return_sem,
         "violation_rate": violations / steps if steps else 0.0,
         "step_seconds": sum(r["plan_seconds"] for r in group) / env_steps if env_steps else float("nan"),
         # Not CSV columns: kept so the paper layouts need not parse task names.
@@ -277,23 +295,22 @@ def paper_table2_markdown(rows: list[dict[str, Any]]) -> str:
         return "No constrained (action-constrained) runs.\n"
     by_key = {(r["task"], r["method"]): r for r in safe}
     labels = _labels({r["task"]: r for r in safe})
-    header = [
-        "Dataset",
-        "Environment",
-        "TT score",
-        "TT violation rate",
-        "Trifle score",
-        "Trifle violation rate",
-    ]
+    header = ["Dataset", "Environment"]
+    for name in ("TT", "Trifle"):
+        header += [f"{name} score", f"{name} return", f"{name} violation rate"]
     body = []
     for task in _lines(safe):
         cells = [*labels[task]]
         for method in ("tt-safe", "trifle-s-safe"):
             row = by_key.get((task, method))
             if row is None:
-                cells += [DASH, DASH]
+                cells += [DASH, DASH, DASH]
             else:
-                cells += [_cell(row["score_mean"], row["score_sem"]), f"{100 * row['violation_rate']:.2f}%"]
+                cells += [
+                    _cell(row["score_mean"], row["score_sem"]),
+                    _cell(row["return_mean"], row["return_sem"]),
+                    f"{100 * row['violation_rate']:.2f}%",
+                ]
         body.append(cells)
     return _markdown(header, body) + f"\nMean ± standard error over {_seeds_phrase(safe)}.\n"
 

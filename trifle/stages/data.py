@@ -1,8 +1,9 @@
 """Stage `data`: produce the raw dataset of a task in D4RL's hdf5 layout.
 
-Three sources (``task.dataset.generator``): ``d4rl`` fetches a published D4RL file (a local copy or a
-verified, resumable download), ``mujoco`` generates a D4RL-format dataset in gymnasium's MuJoCo
-environment, and ``taxi`` / ``frozenlake`` generate the toy tasks' datasets.
+Sources (``task.dataset.generator``): ``d4rl`` fetches a published D4RL file (a local copy or a
+verified, resumable download), ``file`` takes a D4RL-layout file of your own (``path``, optionally
+pinned by ``sha256``), ``mujoco`` generates a D4RL-format dataset in gymnasium's MuJoCo environment,
+and ``taxi`` / ``frozenlake`` generate the toy tasks' datasets.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trifle.data.d4rl_download import fetch_d4rl
-from trifle.data.d4rl_format import save_dataset
+from trifle.data.d4rl_download import fetch_d4rl, fetch_file
+from trifle.data.d4rl_format import load_dataset, save_dataset
 from trifle.data.mujoco_datasets import generate_mujoco_dataset
 from trifle.data.toy_datasets import generate_frozenlake_dataset, generate_taxi_dataset
 from trifle.errors import ConfigError
@@ -21,7 +22,7 @@ GENERATORS = {
     "frozenlake": generate_frozenlake_dataset,
     "mujoco": generate_mujoco_dataset,
 }
-SOURCES = ("d4rl", *GENERATORS)
+SOURCES = ("d4rl", "file", *GENERATORS)
 
 
 def _fetch(params: dict[str, Any], out: Path, progress: bool) -> None:
@@ -29,6 +30,21 @@ def _fetch(params: dict[str, Any], out: Path, progress: bool) -> None:
         fetch_d4rl(params.pop("name"), out, **params, progress=progress)
     except TypeError as err:
         raise ConfigError(f"task.dataset: invalid options for generator 'd4rl': {err}") from err
+
+
+def _take_file(params: dict[str, Any], out: Path, label: str) -> None:
+    """Place the user's file and check its layout now, so a wrong file fails here, not in `labels`."""
+    unknown = sorted(set(params) - {"path", "sha256"})
+    if "path" not in params or unknown:
+        raise ConfigError(
+            f"task.dataset: generator 'file' takes `path` and an optional `sha256`, got keys {sorted(params)}"
+        )
+    fetch_file(params["path"], out, sha256=params.get("sha256"), label=label)
+    try:
+        load_dataset(out)
+    except BaseException:
+        out.unlink(missing_ok=True)  # only our link or copy; the user's file stays
+        raise
 
 
 def _generate(name: str, params: dict[str, Any], out: Path, progress: bool) -> None:
@@ -49,6 +65,8 @@ def run(cfg: dict[str, Any]) -> Path:
     out = Path(cfg["paths"]["raw"])
     if name == "d4rl":
         _fetch(params, out, cfg["progress"])
+    elif name == "file":
+        _take_file(params, out, cfg["task"]["name"])
     else:
         if name == "mujoco":
             params["env"] = cfg["task"]["env"]
