@@ -259,24 +259,32 @@ def _find(rows: Sequence[Row], method: str, cache: bool, horizon: int) -> list[R
     ]
 
 
-def _span(values: Sequence[float], fmt: str = "{:.1f}") -> str:
-    """'a' or 'a-b' for a range of numbers: the findings quote ranges over environments and batch sizes."""
-    lo, hi = min(values), max(values)
-    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
+def _span(values: Sequence[float], fmt: str) -> str:
+    """'a' or 'a–b' for a range of numbers (over batch sizes, or environments and batch sizes)."""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
-def _pairs(rows: Sequence[Row], a: tuple[str, bool, int], b: tuple[str, bool, int]) -> list[float]:
-    """Ratios a / b of seconds per env step, matched on (env, batch)."""
+def _per_env(pairs: Sequence[tuple[str, float]], fmt: str = "{:.1f}") -> str:
+    """'1.8–2.1× on hopper, 3.1× on halfcheetah': the environments differ more than the batch sizes do."""
+    envs = list(dict.fromkeys(env for env, _ in pairs))
+    return ", ".join(f"{_span([v for e, v in pairs if e == env], fmt)}× on {env}" for env in envs)
+
+
+def _pairs(
+    rows: Sequence[Row], a: tuple[str, bool, int], b: tuple[str, bool, int]
+) -> list[tuple[str, float]]:
+    """(env, ratio a / b of seconds per env step), matched on (env, batch)."""
     out = []
     for x in _find(rows, *a):
         y = [r for r in _find(rows, *b) if (r.env, r.batch) == (x.env, x.batch)]
         if y:
-            out.append(x.per_step / y[0].per_step)
+            out.append((x.env, x.per_step / y[0].per_step))
     return out
 
 
 def findings(rows: Sequence[Row], plan: dict[str, Any], long_horizon: int, block: int) -> list[str]:
-    """Findings computed from the measured numbers (ranges over environments and batch sizes).
+    """Findings computed from the measured numbers, per environment, ranges over batch sizes.
 
     ``plan`` is ``task.planning``; ``block`` the GPT's block in transitions (to say whether plans crop).
     """
@@ -286,22 +294,24 @@ def findings(rows: Sequence[Row], plan: dict[str, Any], long_horizon: int, block
         gain = _pairs(rows, (method, False, horizon), (method, True, horizon))
         if gain:
             lines.append(
-                f"The KV cache makes {method} {_span(gain)}× faster than recomputing the sequence "
-                f"(H = {horizon})."
+                f"Speed-up of {method} from the KV cache over recomputing the sequence (H = {horizon}): "
+                f"{_per_env(gain)}."
             )
     extra = _pairs(rows, ("trifle-s", True, horizon), ("tt", True, horizon))
     safe = _pairs(rows, ("trifle-s-safe", True, horizon), ("tt-safe", True, horizon))
     if extra:
-        text = f"trifle-s's circuit correction costs {_span(extra, '{:.2f}')}× tt's planning time"
-        lines.append(text + (f" ({_span(safe, '{:.2f}')}× between the safe variants)." if safe else "."))
+        text = (
+            f"Cost of trifle-s's circuit correction, trifle-s / tt planning time: {_per_env(extra, '{:.2f}')}"
+        )
+        lines.append(text + (f"; trifle-s-safe / tt-safe: {_per_env(safe, '{:.2f}')}." if safe else "."))
     batches = sorted({r.batch for r in rows})
     if len(batches) > 1:
         small = _find([r for r in rows if r.batch == batches[0]], "tt", True, horizon)
         big = _find([r for r in rows if r.batch == batches[-1]], "tt", True, horizon)
-        gain = [s.per_step / b.per_step for s in small for b in big if s.env == b.env]
+        ratio = [(b.env, b.per_step / s.per_step) for s in small for b in big if s.env == b.env]
         lines.append(
-            f"Planning {batches[-1]} environments per `act` call instead of {batches[0]} cuts tt's time per "
-            f"environment step {_span(gain)}×."
+            f"Batching, tt's time per environment step at batch {batches[-1]} / at batch {batches[0]}: "
+            f"{_per_env(ratio, '{:.2f}')}."
         )
     if long_horizon:
         longer = _pairs(rows, ("tt", True, long_horizon), ("tt", True, horizon))
@@ -310,11 +320,12 @@ def findings(rows: Sequence[Row], plan: dict[str, Any], long_horizon: int, block
             span = plan["max_context_transitions"] + long_horizon
             crop = "cropped to" if span > block else "within"
             lines.append(
-                f"At H = {long_horizon} ({span} transitions of context and plan, {crop} the "
-                f"{block}-transition block) tt with the cache takes {_span(longer)}× its H = {horizon} "
-                f"time, and the cache still gives {_span(gain)}×."
+                f"Long plans ({plan['max_context_transitions']} context + {long_horizon} planned = {span} "
+                f"transitions, {crop} the {block}-transition block), tt with the cache at H = {long_horizon} "
+                f"/ at H = {horizon}: {_per_env(longer)}; speed-up from the cache at H = {long_horizon}: "
+                f"{_per_env(gain)}."
             )
-    for env in sorted({r.env for r in rows}):
+    for env in list(dict.fromkeys(r.env for r in rows)):
         batch = max(r.batch for r in rows if r.env == env)
         cached = [
             r for r in rows if (r.env, r.batch, r.horizon) == (env, batch, horizon) and r.variant.use_cache
@@ -328,8 +339,10 @@ def findings(rows: Sequence[Row], plan: dict[str, Any], long_horizon: int, block
     return [f"- {line}" for line in lines]
 
 
-def render(rows: Sequence[Row], args: argparse.Namespace, models: dict[str, Models]) -> str:
-    """The Markdown report: machine, settings, the table, findings."""
+def render(
+    rows: Sequence[Row], args: argparse.Namespace, models: dict[str, Models], load_start: float, wall_s: float
+) -> str:
+    """The Markdown report: machine (with the load around the run, since others share it), settings, table."""
     any_models = next(iter(models.values()))
     plan, gpt = any_models.cfg["task"]["planning"], any_models.gpt.cfg
     device = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "CPU"
@@ -337,8 +350,9 @@ def render(rows: Sequence[Row], args: argparse.Namespace, models: dict[str, Mode
         "# MuJoCo planning speed (benchmarks/mujoco_planning_speed.py)",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}, "
-        f"torch {torch.__version__}, {args.threads} torch thread(s); load average {os.getloadavg()[0]:.1f} "
-        "when the run ended (a shared machine: treat the numbers as ±30%).",
+        f"torch {torch.__version__}, {args.threads} torch thread(s). 1-minute load average {load_start:.1f} "
+        f"at the start and {os.getloadavg()[0]:.1f} at the end of the {wall_s / 60:.1f}-minute run "
+        "(a shared machine: treat the numbers as ±30%).",
         "",
         f"Planner: the released code's MuJoCo settings (`task.planning`): N = {plan['beam_width']}, "
         f"H = {plan['horizon']}, λ = {plan['expansion_factor']}, cdf_act {plan['cdf_act']}, k_obs "
@@ -387,7 +401,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=6, help="timed environment steps per row (at most)")
     parser.add_argument(
-        "--budget-s", type=float, default=10.0, help="stop timing a row after this many seconds"
+        "--budget-s", type=float, default=8.0, help="stop timing a row after this many seconds"
     )
     parser.add_argument("--long-horizon", type=int, default=15, help="0 skips the long-horizon rows")
     parser.add_argument("--data-steps", type=int, default=5000, help="random-policy steps for tokens/circuit")
@@ -402,6 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_start, start = os.getloadavg()[0], time.perf_counter()
     rows: list[Row] = []
     models: dict[str, Models] = {}
     for env in args.envs:
@@ -410,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         horizon = models[env].cfg["task"]["planning"]["horizon"]
         for batch in args.batches:
             rows += to_rows(env, batch, run_batch(models[env], env, batch, args), horizon)
-    report = render(rows, args, models)
+    report = render(rows, args, models, load_start, time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text(report)

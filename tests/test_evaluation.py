@@ -128,25 +128,14 @@ def test_mujoco_rollouts_count_every_constraint_violation_and_match_single_env_r
     def factory(n: int, seed: int):
         return VectorMujocoEnv("hopper", n, seed, max_episode_steps=30)
 
-    policy = ConstantAction([0.1, -0.2, 0.8])
-    results = evaluate_policy(
-        policy,
-        factory,
-        episodes=3,
-        batch_episodes=3,
-        seed=4,
-        progress=False,
-        constraint=[Bound(2, None, 0.5)],
-    )
+    def run(bound: Bound):
+        policy = ConstantAction([0.1, -0.2, 0.8])
+        return evaluate_policy(
+            policy, factory, episodes=3, batch_episodes=3, seed=4, progress=False, constraint=[bound]
+        )
+
+    results = run(Bound(2, None, 0.5))
     assert results.violations == results.steps and results.violation_rate == 1.0
     assert results.env_steps == sum(results.steps) and all(1 <= s <= 30 for s in results.steps)
-    ok = evaluate_policy(
-        policy,
-        factory,
-        episodes=3,
-        batch_episodes=3,
-        seed=4,
-        progress=False,
-        constraint=[Bound(0, None, 0.9)],
-    )
+    ok = run(Bound(0, None, 0.9))
     assert ok.violations == [0, 0, 0] and ok.returns == results.returns

@@ -32,6 +32,16 @@ def _fetch(params: dict[str, Any], out: Path, progress: bool) -> None:
         raise ConfigError(f"task.dataset: invalid options for generator 'd4rl': {err}") from err
 
 
+def behaviour_dir(raw: Path, params: dict[str, Any]) -> Path:
+    """Where a trained behaviour policy lives: ``data/behaviour/<env>-<policy><steps>-seed<seed>``.
+
+    Keyed by what determines the policy, so tasks drawing data from the same agent share one training,
+    and beside the datasets, so DVC pins and shares the trained agent with them.
+    """
+    name = f"{params['env']}-{params.get('policy', 'random')}{params.get('sac_steps', '')}-seed{params.get('seed', 0)}"
+    return raw.parent.parent / "behaviour" / name
+
+
 def _take_file(params: dict[str, Any], out: Path, label: str) -> None:
     """Place the user's file and check its layout now, so a wrong file fails here, not in `labels`."""
     unknown = sorted(set(params) - {"path", "sha256"})
@@ -70,5 +80,6 @@ def run(cfg: dict[str, Any]) -> Path:
     else:
         if name == "mujoco":
             params["env"] = cfg["task"]["env"]
+            params.setdefault("work_dir", str(behaviour_dir(out, params)))
         _generate(name, params, out, cfg["progress"])
     return out

@@ -12,8 +12,9 @@ rule dataset:
         overrides=cli_overrides("data"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=hours(0.5),
+        # A D4RL download (up to 475 MB) or a behaviour policy's training (SAC: ~20 min per 100k steps).
+        mem_mb=4000,
+        runtime=hours(2),
         gpu=0,
     conda:
         "../envs/trifle.yaml"
