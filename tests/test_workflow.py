@@ -32,7 +32,9 @@ def test_default_dry_run_lists_every_rule():
 
 @pytest.fixture(scope="module")
 def paper_dry_run() -> str:
-    return snakemake(REPO, "-n", "--forceall", "--configfile", "workflow/config/paper.yaml").stdout
+    """The README's paper command, dry: the paper config through the SLURM profile."""
+    args = ("--configfile", "workflow/config/paper.yaml", "--workflow-profile", "workflow/profiles/slurm")
+    return snakemake(REPO, "-n", "--forceall", *args).stdout
 
 
 def _jobs(out: str) -> list[tuple[str, str]]:
@@ -55,8 +57,10 @@ def test_paper_dry_run_has_every_job_with_gpu_resources(paper_dry_run):
     assert counts["mujoco_tables"] == counts["summary"] == counts["models_table"] == 1
     for rule, block in _jobs(paper_dry_run):
         if rule in GPU_RULES:
-            assert "gpu=1" in block, block
+            assert "gpu=1" in block and "slurm_partition=gpu" in block, block
             assert re.search(r"runtime=\d+", block) and "mem_mb=" in block
+        elif rule in ("dataset", "labels", "tokens"):
+            assert "gpu=0" in block and "slurm_partition=cpu" in block, block
 
 
 def test_paper_mujoco_jobs_use_tt_training_and_the_paper_methods(paper_dry_run):
