@@ -8,7 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("table", ["models", "summary"])
+@pytest.mark.parametrize("table", ["models", "summary", "mujoco", "safe_rl"])
 def test_readme_results_tables_are_the_published_pipeline_output(table):
     readme = (REPO / "README.md").read_text()
     block = re.search(rf"<!-- {table}-table:start -->\n(.*)<!-- {table}-table:end -->", readme, re.S)

@@ -16,9 +16,11 @@ from trifle.io import atomic_path
 
 TABLES = ("summary", "models", "mujoco", "safe_rl")
 FIGURES = ("returns.png", "mujoco_scores.png")
+#: The table whose run draws each figure (a figure is published with its table).
+FIGURE_OF_TABLE = {"returns.png": "summary", "mujoco_scores.png": "mujoco"}
 
 
-def publish(root: Path = Path("."), results: Path | None = None) -> None:
+def publish(root: Path = Path("."), results: Path | None = None, tables: tuple[str, ...] = TABLES) -> None:
     """Copy the tables and figures found under ``results`` (default ``<root>/results``) into ``root``.
 
     ``results`` may belong to another checkout: the MuJoCo CPU configuration runs in its own copy, so
@@ -28,7 +30,12 @@ def publish(root: Path = Path("."), results: Path | None = None) -> None:
     docs = root / "docs" / "results"
     readme = root / "README.md"
     text = readme.read_text()
-    for name in TABLES:
+    unknown = sorted(set(tables) - set(TABLES))
+    if unknown:
+        raise SystemExit(
+            f"python -m trifle.publish: unknown table(s) {unknown}; expected some of {list(TABLES)}"
+        )
+    for name in tables:
         source = results / "tables" / f"{name}.md"
         if not source.is_file():
             continue  # a run of another configuration (toy tasks only, MuJoCo only) keeps the others
@@ -43,7 +50,7 @@ def publish(root: Path = Path("."), results: Path | None = None) -> None:
             flags=re.S,
         )
     for name in FIGURES:
-        if not (results / "figures" / name).is_file():
+        if FIGURE_OF_TABLE[name] not in tables or not (results / "figures" / name).is_file():
             continue
         with atomic_path(docs / name) as tmp:
             shutil.copyfile(results / "figures" / name, tmp)
@@ -58,7 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--results", type=Path, default=None, help="results directory of the run (default: results)"
     )
-    publish(Path("."), parser.parse_args(argv).results)
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        default=list(TABLES),
+        help=f"tables to publish (default: all of {', '.join(TABLES)})",
+    )
+    args = parser.parse_args(argv)
+    publish(Path("."), args.results, tuple(args.tables))
 
 
 if __name__ == "__main__":
