@@ -240,9 +240,12 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
 
 
 def _seeds_phrase(rows: list[dict[str, Any]]) -> str:
+    """What the ± is over: seeds, or a single seed's episodes (see :func:`score_rows`)."""
     counts = sorted({int(r["n_seeds"]) for r in rows})
+    if counts == [1]:
+        return "the episodes of 1 seed"
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    return f"{n} seed" + ("" if n == "1" else "s")
+    return f"{n} seeds" + (" (the episodes, for a single seed)" if counts[0] == 1 else "")
 
 
 def _average(values: list[float | None]) -> str:
