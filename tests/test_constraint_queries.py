@@ -151,3 +151,26 @@ def test_allowed_bins_are_those_whose_decoded_value_satisfies_the_bound():
         allowed_bins(disc, 1, [Bound(0, 2.0, None)])
     acts = np.array([[0.5], [0.50001], [-3.0]])
     assert violations(acts, [Bound(0, None, 0.5)]).tolist() == [False, True, False]
+
+
+@pytest.mark.gpu
+def test_constrained_scores_agree_between_the_pyjuice_and_torch_backends_on_cuda(circuit, tmp_path):
+    """The planner's constrained queries (shared soft evidence, broadcast over rows) through pyjuice."""
+    from trifle.models.circuits import load_circuit, save_circuit
+
+    path = tmp_path / "c.jpc"
+    save_circuit(circuit, path)
+    torch_c = load_circuit(path, backend="torch", device="cuda")
+    pyjuice_c = load_circuit(path, backend="pyjuice", device="cuda")
+    soft = constraint_evidence(LAYOUT, {k: torch.as_tensor(v) for k, v in ALLOWED.items()}).cuda()
+    x, missing = _evidence([0, 1, 1, 0], [None, 2, 0, 1])
+    x, missing = x.cuda(), missing.cuda()
+    keep = kept_bins(value_distribution(torch_c, x, missing, V, 3, soft), 0.4)
+    assert torch.allclose(
+        value_distribution(pyjuice_c, x, missing, V, 3, soft),
+        value_distribution(torch_c, x, missing, V, 3, soft),
+        atol=1e-4,
+    )
+    want, _ = candidate_scores(torch_c, x, missing, A1, 3, V, keep, soft)
+    got, _ = candidate_scores(pyjuice_c, x, missing, A1, 3, V, keep, soft)
+    assert torch.allclose(got, want, atol=1e-4)
