@@ -563,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         plan_steps=args.plan_steps or base.plan_steps,
     )
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        # As mujoco_planning_speed: planning's many small ops slow down badly with several torch threads
+        # on a shared machine (over 10x here with another job running), while one thread is steady.
+        torch.set_num_threads(1)
     print(machine_line(device))
     began = time.perf_counter()
     sections = [
