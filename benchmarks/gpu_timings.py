@@ -42,6 +42,7 @@ from trifle.models.circuits.training import _pyjuice_epoch
 from trifle.models.gpt import TrajectoryGPT
 from trifle.models.gpt_training import _make_optimizer, _train_step, model_config, resolve_config
 from trifle.models.training_common import batch_indices, derived_seed, learning_rate
+from trifle.stages.devices import resolve_device
 from trifle.stages.train_pc import circuit_num_cats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,13 +115,6 @@ class Section:
 
     title: str
     lines: list[str]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present: the point of this script is the GPU numbers."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sync(device: torch.device) -> None:
@@ -562,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         em_batches=args.em_batches or base.em_batches,
         plan_steps=args.plan_steps or base.plan_steps,
     )
-    device = resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     if device.type == "cpu":
         # As mujoco_planning_speed: planning's many small ops slow down badly with several torch threads
         # on a shared machine (over 10x here with another job running), while one thread is steady.

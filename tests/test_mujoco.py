@@ -21,6 +21,15 @@ from trifle.errors import ConfigError, TrifleError
 DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
 
 
+def assert_round_trip(path, arrays, attrs) -> None:
+    """A generated dataset saves and loads back unchanged in the project's D4RL layout."""
+    save_dataset(path, arrays, attrs)
+    data = load_dataset(path)
+    assert data.attrs == attrs
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(data.arrays()[key], value)
+
+
 def random_actions(rng: np.random.Generator, n: int, act_dim: int, scale: float = 1.0) -> np.ndarray:
     return scale * rng.uniform(-1.0, 1.0, size=(n, act_dim))
 
@@ -188,11 +197,7 @@ def test_dataset_layout_and_round_trip(hopper_data, tmp_path):
     assert arrays["actions"].shape == (300, 3) and arrays["infos/qpos"].shape == (300, 6)
     assert np.abs(arrays["actions"]).max() <= 1.0
     np.testing.assert_allclose(arrays["infos/action_log_probs"], -3 * np.log(2.0))
-    save_dataset(tmp_path / "hopper.hdf5", arrays, attrs)
-    data = load_dataset(tmp_path / "hopper.hdf5")
-    assert data.attrs == attrs
-    for key, value in arrays.items():
-        np.testing.assert_array_equal(data.arrays()[key], value)
+    assert_round_trip(tmp_path / "hopper.hdf5", arrays, attrs)
 
 
 def test_dataset_episode_flags(hopper_data):
@@ -385,11 +390,7 @@ def test_sac_dataset_layout_and_round_trip(sac_run, tmp_path):
         np.testing.assert_array_equal(
             arrays["next_observations"][start : end - 1], arrays["observations"][start + 1 : end]
         )
-    save_dataset(tmp_path / "hopper-sac.hdf5", arrays, attrs)
-    data = load_dataset(tmp_path / "hopper-sac.hdf5")
-    assert data.attrs == attrs
-    for key, value in arrays.items():
-        np.testing.assert_array_equal(data.arrays()[key], value)
+    assert_round_trip(tmp_path / "hopper-sac.hdf5", arrays, attrs)
 
 
 def test_sac_dataset_deterministic(sac_run):

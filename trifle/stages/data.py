@@ -38,7 +38,7 @@ def behaviour_dir(raw: Path, params: dict[str, Any]) -> Path:
     Keyed by what determines the policy, so tasks drawing data from the same agent share one training,
     and beside the datasets, so DVC pins and shares the trained agent with them.
     """
-    name = f"{params['env']}-{params.get('policy', 'random')}{params.get('sac_steps', '')}-seed{params.get('seed', 0)}"
+    name = f"{params['env']}-{params['policy']}{params.get('sac_steps', '')}-seed{params.get('seed', 0)}"
     return raw.parent.parent / "behaviour" / name
 
 
@@ -80,6 +80,7 @@ def run(cfg: dict[str, Any]) -> Path:
     else:
         if name == "mujoco":
             params["env"] = cfg["task"]["env"]
-            params.setdefault("work_dir", str(behaviour_dir(out, params)))
+            if params.get("policy") == "sac":
+                params.setdefault("work_dir", str(behaviour_dir(out, params)))
         _generate(name, params, out, cfg["progress"])
     return out

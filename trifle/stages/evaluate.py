@@ -26,6 +26,7 @@ from trifle.stages.devices import resolve_device
 
 
 def is_mujoco(cfg: dict[str, Any]) -> bool:
+    """Gym-MuJoCo tasks get vectorised MuJoCo envs, a dimension check and normalized scores."""
     return cfg["task"]["env"] in MUJOCO_ENVS
 
 
@@ -71,7 +72,7 @@ def env_factory(cfg: dict[str, Any]) -> EnvFactory:
     """The task's vectorised environment; eval.max_episode_steps shortens episodes (smoke runs)."""
     limit = cfg["eval"]["max_episode_steps"]
     name = cfg["task"]["env"]
-    if name in MUJOCO_ENVS:
+    if is_mujoco(cfg):
         steps = 1000 if limit is None else int(limit)
         return lambda num_envs, seed: VectorMujocoEnv(name, num_envs, seed, max_episode_steps=steps)
     params = {} if limit is None else {"max_episode_steps": int(limit)}
