@@ -48,9 +48,11 @@ def test_a_hyperparameter_changes_only_the_slices_that_read_it():
     differing = {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)}
     assert differing == {"train_pc"}
     changed = compose(["task=taxi-stochastic", "task.labels.discount=0.9"])
-    # The planners discount with the same factor as the labels.
+    # The planners discount with the same factor as the labels, and the circuit's diagnostics score
+    # E[r + gamma V | s, a] with it.
     assert {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)} == {
         "labels",
+        "train_pc",
         "evaluate",
     }
 

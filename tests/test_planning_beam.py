@@ -238,12 +238,16 @@ def _cfg(method: str, **overrides) -> dict:
         k_obs=1,
         k_act=None,
         cdf_act=None,
+        act_support=None,
         max_context_transitions=2,
         use_cache=True,
         constrained=False,
     )
     if method != "tt":
         cfg["top_ratio"] = 0.2
+        cfg["value_threshold"] = "strict"
+    if method == "trifle-m":
+        cfg["multistep_value"] = "survival"
     return {**cfg, **overrides}
 
 
@@ -423,3 +427,49 @@ def test_mujoco_tasks_carry_the_released_codes_planning_settings(task):
         assert (settings.horizon, settings.k_act, settings.cdf_act) == (20, 40, None)
     else:
         assert (settings.horizon, settings.k_act, settings.cdf_act) == (5, None, 0.6)
+
+
+def test_support_filter_keeps_actions_near_the_mode():
+    """discrete BCQ's rule: p(a) >= ratio * max p; the mode always survives."""
+    from trifle.planning.sampling import filter_support
+
+    probs = torch.tensor([[0.6, 0.25, 0.1, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    kept = torch.isfinite(filter_support(probs.log(), 0.3))
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert torch.isfinite(filter_support(probs.log(), 1.0)).sum(dim=1).tolist() == [1, 4]
+
+
+def test_support_filter_applies_to_the_gpt_before_the_circuit_correction():
+    """A proposal hook that favours a rare action cannot bring it back past the support filter."""
+    from trifle.planning.beam import BeamSettings, TokenSpec, _sample_actions
+
+    class Stream:
+        logp = torch.log(torch.tensor([[0.9, 0.05, 0.05, 1e-12]])).repeat(64, 1)
+
+        def feed(self, token):
+            pass
+
+    class FavourRare:
+        def logits(self, dim, logp):
+            return logp + torch.tensor([0.0, 20.0, 0.0])
+
+        def chosen(self, dim, tokens):
+            pass
+
+    masks = torch.ones(4, 4, dtype=torch.bool)
+    masks[1, 3] = False  # the action column: bins 0..2, never the stop token
+    spec = TokenSpec(
+        obs_dim=1,
+        act_dim=1,
+        masks=masks,
+        reward_values=torch.zeros(4),
+        value_values=torch.zeros(4),
+        action_bins=(3,),
+    )
+    gen = torch.Generator().manual_seed(0)
+    with_support = BeamSettings(1, 1, 1, None, None, None, 0.9, act_support=0.3)
+    tokens = _sample_actions(Stream(), spec, with_support, gen, FavourRare())
+    assert set(tokens[:, 0].tolist()) == {0}
+    without = BeamSettings(1, 1, 1, None, None, None, 0.9)
+    tokens = _sample_actions(Stream(), spec, without, gen, FavourRare())
+    assert 1 in set(tokens[:, 0].tolist())

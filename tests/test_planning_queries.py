@@ -118,25 +118,28 @@ def test_value_distribution_matches_enumeration(circuit, joint):
 
 
 @pytest.mark.parametrize(
-    ("top_ratio", "expected"),
+    ("top_ratio", "expected", "strict"),
     [
-        (1.0, [True, True, True]),
-        (0.5, [True, True, True]),
-        (0.25, [False, True, True]),
-        (0.2, [False, False, True]),
+        (1.0, [True, True, True], [True, True, True]),
+        (0.5, [True, True, True], [False, True, True]),
+        (0.25, [False, True, True], [False, False, True]),
+        (0.2, [False, False, True], [False, False, True]),  # q is the top bin: strict keeps it alone
     ],
 )
-def test_threshold_keeps_the_top_mass_by_hand(top_ratio, expected):
-    """p = (0.5, 0.25, 0.25) has CDF (0.5, 0.75, 1): keep the bins with CDF >= 1 - top_ratio."""
+def test_threshold_keeps_the_top_mass_by_hand(top_ratio, expected, strict):
+    """p = (0.5, 0.25, 0.25) has CDF (0.5, 0.75, 1): the released code keeps the bins with
+    CDF >= 1 - top_ratio; the strict rule keeps those strictly above the first of them."""
     probs = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
-    assert kept_bins(probs, top_ratio)[0].tolist() == expected
+    assert kept_bins(probs, top_ratio, "cdf")[0].tolist() == expected
+    assert kept_bins(probs, top_ratio, "strict")[0].tolist() == strict
+    assert kept_bins(probs, top_ratio)[0].tolist() == strict  # the default
 
 
 def test_threshold_matches_a_quantile_loop(circuit):
     x, missing = _evidence([0, 1], [None, 0])
     probs = value_distribution(circuit, x, missing, LAYOUT.value_var(0), NUM_BINS[3])
     for top_ratio in (0.1, 0.2, 0.45, 0.8):
-        got = kept_bins(probs, top_ratio)
+        got = kept_bins(probs, top_ratio, "cdf")
         for b in range(2):
             running, want = 0.0, []
             for q in probs[b].tolist():
@@ -196,17 +199,55 @@ def _brute_multistep(allx, p, obs: int, plan: list[int]) -> float:
     return total
 
 
-def test_expected_multistep_value_matches_enumeration(circuit, joint):
+def _brute_survival(allx, p, obs: int, plan: list[int]) -> float:
+    """Σ_h γ^h S_h E[r_h | s, a_0..a_h] + γ^H S_{H-1} E[V_{H-1} | s, a_0..a_{H-1}], every planned action
+    hard, S_h = Π_{k=1..h} P(a_k != pad | s, a_0..a_{k-1}); pad rewards/values are 0."""
+    reward_of = torch.tensor([*REWARDS, 0.0, 0.0], dtype=torch.float64)
+    value_of = torch.tensor([*VALUES, 0.0], dtype=torch.float64)
+    total, survival = 0.0, 1.0
+    for h in range(len(plan)):
+        weight = allx[:, LAYOUT.obs_vars(0)[0]] == obs
+        for k in range(h + 1):
+            weight = weight & (allx[:, LAYOUT.act_var(k, 0)] == plan[k])
+        w = p * weight
+        w = w / w.sum()
+        total += GAMMA**h * survival * float((w * reward_of[allx[:, LAYOUT.reward_var(h)]]).sum())
+        if h == len(plan) - 1:
+            value = float((w * value_of[allx[:, LAYOUT.value_var(h)]]).sum())
+            total += GAMMA ** len(plan) * survival * value
+        else:
+            survival *= 1.0 - float(w[allx[:, LAYOUT.act_var(h + 1, 0)] == PAD].sum())
+    return total
+
+
+@pytest.mark.parametrize("form", ["soft_pad", "survival"])
+def test_expected_multistep_value_matches_enumeration(circuit, joint, form):
     allx, p = joint
     disc = _discretizer()
+    brute = _brute_multistep if form == "soft_pad" else _brute_survival
     obs = torch.tensor([[0], [1], [1], [0]])
     for plan_rows in ([[0], [1], [2], [0]], [[0, 1], [2, 2], [1, 0], [0, 1]]):
         actions = torch.tensor(plan_rows)[:, :, None]
-        got = expected_multistep_value(circuit, obs, actions, window=K, discount=GAMMA, discretizer=disc)
+        got = expected_multistep_value(
+            circuit, obs, actions, window=K, discount=GAMMA, discretizer=disc, form=form
+        )
         for b in range(4):
-            want = _brute_multistep(allx, p, int(obs[b, 0]), plan_rows[b])
+            want = brute(allx, p, int(obs[b, 0]), plan_rows[b])
             assert abs(float(got[b]) - want) < 1e-9, (plan_rows[b], float(got[b]), want)
     assert len(set(np.round(got.numpy(), 6))) == 3  # the plan changes the value (rows 0 and 3 agree)
+
+
+def test_the_two_multistep_forms_agree_on_one_step_plans_only(circuit):
+    disc = _discretizer()
+    obs = torch.tensor([[0], [1]])
+    for plan, same in (([[[1]], [[2]]]), True), (([[[1], [2]], [[2], [0]]]), False):
+        actions = torch.tensor(plan)
+        kw = dict(window=K, discount=GAMMA, discretizer=disc)
+        a = expected_multistep_value(circuit, obs, actions, form="survival", **kw)
+        b = expected_multistep_value(circuit, obs, actions, form="soft_pad", **kw)
+        assert torch.allclose(a, b, atol=1e-12, rtol=0) == same
+    with pytest.raises(ValueError, match="soft_pad"):
+        expected_multistep_value(circuit, obs, actions, form="soft", **kw)
 
 
 class _AdapterLike:

@@ -24,14 +24,14 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "labels": ("task.name", "task.labels"),
     "tokens": ("task.name", "task.discretizer"),
     "train_gpt": ("task.name", "gpt", "seed", "device"),
-    "train_pc": ("task.name", "pc", "task.pc_window", "seed"),
+    "train_pc": ("task.name", "pc", "task.pc_window", "task.labels.discount", "seed"),
     "train_dt": ("task.name", "dt", "seed", "device"),
     "evaluate": (
         "task.name",
         "task.env",
         "task.labels.discount",
         "task.pc_window",
-        "task.dt_target_return",
+        "task.dt_target_returns",
         "task.action_constraint",
         "task.planning",
         "planner",
@@ -151,6 +151,7 @@ def validate(cfg: dict[str, Any]) -> None:
     _validate_gpt(cfg)
     _validate_pc(cfg)
     _validate_dt(cfg)
+    _validate_planner(cfg)
 
 
 def _validate_task(cfg: dict[str, Any]) -> None:
@@ -178,6 +179,18 @@ def _validate_task(cfg: dict[str, Any]) -> None:
     from trifle.planning.constraints import parse_constraint
 
     parse_constraint(get(cfg, "task.action_constraint"))
+    from trifle.planning.dt_policy import parse_target_returns
+
+    parse_target_returns(get(cfg, "task.dt_target_returns"), "task.dt_target_returns")
+
+
+def _validate_planner(cfg: dict[str, Any]) -> None:
+    """DT's conditioning targets: null (the task's list), a number, or a non-empty list of numbers."""
+    planner = get(cfg, "planner")
+    if planner.get("method") == "dt" and planner.get("target_return") is not None:
+        from trifle.planning.dt_policy import parse_target_returns
+
+        parse_target_returns(planner["target_return"], "planner.target_return")
 
 
 def _validate_gpt(cfg: dict[str, Any]) -> None:
@@ -207,3 +220,5 @@ def _validate_pc(cfg: dict[str, Any]) -> None:
     _in_unit_interval(cfg, "pc.valid_fraction")
     backend = get(cfg, "pc.backend")
     _require(backend in ("auto", "torch", "pyjuice"), "pc.backend", "one of auto, torch, pyjuice", backend)
+    structure = get(cfg, "pc.structure")
+    _require(structure in ("exact-mi", "pyjuice"), "pc.structure", "one of exact-mi, pyjuice", structure)

@@ -182,7 +182,8 @@ def rollout_policy(
     mdp: TabularMDP, policy: np.ndarray, num_episodes: int, rng: np.random.Generator, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """Run ``num_episodes`` episodes of a stationary ``[S, A]`` policy in parallel; steps in episode-major order."""
-    env = VectorTabularEnv(mdp, num_episodes, seed=int(rng.integers(2**63)))
+    # The shared-RNG layout keeps the published datasets bit for bit (evaluation uses per-slot streams).
+    env = VectorTabularEnv(mdp, num_episodes, seed=int(rng.integers(2**63)), rng="shared")
     env.reset()
     cdf = np.cumsum(policy, axis=-1)
     per_t: list[dict[str, np.ndarray]] = []

@@ -187,6 +187,12 @@ def sample_outcomes(mdp: TabularMDP, states: np.ndarray, actions: np.ndarray, u:
     return (u[:, None] * cdf[:, -1:] >= cdf).sum(-1)
 
 
+#: Mixed into every slot's seed, so an environment stream never equals a policy stream seeded by the same
+#: ``(seed, slot)`` pair (DTPolicy samples from ``SeedSequence([seed, slot])``; the rollout passes the
+#: environment and the policy the same batch seed).
+_ENV_STREAM_TAG = 0x7461_626C  # "tabl"
+
+
 class VectorTabularEnv:
     """``num_envs`` independent episodes of one MDP stepped together with numpy.
 
@@ -194,22 +200,69 @@ class VectorTabularEnv:
     caller resets it, and ``info["stepped"]`` says which environments actually moved. ``truncated`` is
     raised only when the step limit is reached without termination, matching D4RL's convention that
     ``terminals`` and ``timeouts`` are mutually exclusive.
+
+    **Random numbers (common random numbers).** With ``rng="per_env"`` (the default) every slot ``i``
+    has its own stream, seeded by ``SeedSequence([seed, i, tag])``; each reset of the slot and each of
+    its steps takes the next uniform of that stream and nothing else does. So slot ``i`` of two
+    environments built with the same seed (two methods evaluated on the same episode) starts in the
+    same state, and its t-th step uses the same uniform whatever the other slots do (finish early,
+    act differently): as long as the two episodes' states and actions agree, so do their outcomes, and
+    their return difference has the low variance of a paired comparison. The uniforms are drawn from
+    each stream in blocks (``block`` at a time, default one episode's worth, ``max_episode_steps + 1``),
+    which changes only speed: a Generator's ``random(n)`` calls continue one sequence.
+    ``rng="shared"`` is the earlier layout (one Generator for all slots, drawing for the running slots
+    in order), kept so that the published toy datasets regenerate bit for bit.
     """
 
-    def __init__(self, mdp: TabularMDP, num_envs: int, seed: int) -> None:
+    def __init__(
+        self, mdp: TabularMDP, num_envs: int, seed: int, *, rng: str = "per_env", block: int | None = None
+    ) -> None:
         if num_envs < 1:
             raise ConfigError(f"VectorTabularEnv: num_envs must be >= 1, got {num_envs}")
+        if rng not in ("per_env", "shared"):
+            raise ConfigError(f"VectorTabularEnv: rng must be 'per_env' or 'shared', got {rng!r}")
+        block = mdp.max_episode_steps + 1 if block is None else int(block)
+        if block < 1:
+            raise ConfigError(f"VectorTabularEnv: block must be >= 1, got {block}")
         self.mdp = mdp
         self.num_envs = num_envs
-        self.rng = np.random.default_rng(seed)
+        self.rng_layout = rng
+        if rng == "shared":
+            self.rng = np.random.default_rng(seed)
+        else:
+            self._rngs = [
+                np.random.default_rng(np.random.SeedSequence([int(seed), i, _ENV_STREAM_TAG]))
+                for i in range(num_envs)
+            ]
+            self._block = min(block, 4096)
+            self._buffer = np.empty((num_envs, self._block))
+            self._used = np.full(num_envs, self._block, dtype=np.int64)  # all used: refill on first draw
+        cdf = np.cumsum(mdp.initial)
+        self._initial_cdf = cdf
+        self._last_initial = int(np.flatnonzero(mdp.initial > 0)[-1])
         self.states = np.zeros(num_envs, dtype=np.int64)
         self.steps = np.zeros(num_envs, dtype=np.int64)
         self.done = np.ones(num_envs, dtype=bool)
 
+    def _uniforms(self, ids: np.ndarray) -> np.ndarray:
+        """The next uniform of each slot in ``ids`` (distinct, any order) from its own stream."""
+        empty = ids[self._used[ids] >= self._block]
+        for i in empty.tolist():  # once per slot per block: one Generator call each
+            self._buffer[i] = self._rngs[i].random(self._block)
+        self._used[empty] = 0
+        u = self._buffer[ids, self._used[ids]]
+        self._used[ids] += 1
+        return u
+
     def reset(self, env_ids: np.ndarray | None = None) -> np.ndarray:
         """Start new episodes in ``env_ids`` (default: all); return every environment's observation."""
         ids = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids, dtype=np.int64)
-        self.states[ids] = self.rng.choice(self.mdp.num_states, size=ids.size, p=self.mdp.initial)
+        if self.rng_layout == "shared":
+            self.states[ids] = self.rng.choice(self.mdp.num_states, size=ids.size, p=self.mdp.initial)
+        else:  # inverse CDF of the initial distribution; zero-probability states are never chosen
+            x = self._uniforms(ids) * self._initial_cdf[-1]
+            states = np.searchsorted(self._initial_cdf, x, side="right")
+            self.states[ids] = np.minimum(states, self._last_initial)
         self.steps[ids] = 0
         self.done[ids] = False
         return self.mdp.decode(self.states)
@@ -229,7 +282,8 @@ class VectorTabularEnv:
             )
         run = ~self.done
         s, a = self.states[run], actions[run]
-        k = sample_outcomes(self.mdp, s, a, self.rng.random(s.size))
+        u = self.rng.random(s.size) if self.rng_layout == "shared" else self._uniforms(np.flatnonzero(run))
+        k = sample_outcomes(self.mdp, s, a, u)
         reward = np.zeros(self.num_envs)
         terminated = np.zeros(self.num_envs, dtype=bool)
         illegal = np.zeros(self.num_envs, dtype=bool)

@@ -6,6 +6,13 @@ vectorised simulators with one interface (``reset() -> obs``, ``step(actions) ->
 terminated, truncated, info``, no automatic reset): the toy tasks' exact MDPs
 (:class:`~trifle.envs.tabular.VectorTabularEnv`) and gymnasium's MuJoCo tasks
 (:class:`~trifle.envs.mujoco.VectorMujocoEnv`).
+
+Every method sees the same episodes: batch b of seed s seeds its environments with
+``SeedSequence([s, b])``, and both vector envs give each episode slot its own random stream (the
+tabular env a per-slot Generator for the reset and every transition, the MuJoCo env a per-slot reset
+seed). Episode i of two methods therefore starts from the same state, and in the toy tasks keeps seeing
+the same random numbers while their actions agree (common random numbers), which is what makes the
+summary's paired differences (`trifle.evaluation.summary`) much tighter than unpaired ones.
 """
 
 from __future__ import annotations
@@ -60,8 +67,8 @@ class EpisodeResults:
 
 
 def tabular_factory(mdp: TabularMDP) -> EnvFactory:
-    """Environments of an exact MDP (its actions are single integers)."""
-    return lambda num_envs, seed: VectorTabularEnv(mdp, num_envs, seed)
+    """Environments of an exact MDP (its actions are single integers), one random stream per slot."""
+    return lambda num_envs, seed: VectorTabularEnv(mdp, num_envs, seed, rng="per_env")
 
 
 def _env_actions(env: Any, actions: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -125,6 +132,9 @@ def evaluate_policy(
     name: str | None = None,
 ) -> EpisodeResults:
     """Run ``episodes`` episodes in batches of ``batch_episodes``; batch b uses seed (seed, b).
+
+    Episode ``b * batch_episodes + i`` is slot ``i`` of batch ``b``, so two methods evaluated with the
+    same ``seed`` and ``batch_episodes`` share the environment randomness of every episode index.
 
     ``env`` is an exact MDP or a factory ``(num_envs, seed) -> vector env``. Every executed action is
     checked against ``constraint`` (the per-episode count of violating steps is recorded), so a

@@ -4,8 +4,10 @@ Every environment has its own ``N`` beams; rows are laid out environment-major (
 "top N per environment" is a reshape and a sort. Per planning step t (H steps):
 
 1. every beam is copied ``expansion_factor`` times;
-2. the action tokens are sampled (``k_act`` / ``cdf_act`` filters); at t = 0 a *proposal* hook may
-   reshape each dimension's distribution (Trifle's circuit correction);
+2. the action tokens are sampled: ``act_support`` first keeps the actions inside the behaviour's
+   support (the GPT's p(a^i | ...) at least ``act_support`` times its mode's); at t = 0 a *proposal*
+   hook may then reshape each dimension's distribution among them (Trifle's circuit correction); TT's
+   ``cdf_act`` / ``k_act`` filters act last;
 3. the reward and value tokens are read with top-1 (TT's ``k_rew = 1``) and their expectations over the
    bins give r_t and V_t;
 4. each candidate gets a value, by default TT's Σ_{τ<=t} γ^τ r_τ + γ^{t+1} V_t, or a *value* hook;
@@ -58,6 +60,7 @@ class BeamSettings:
     cdf_act: float | None
     discount: float
     use_cache: bool = True
+    act_support: float | None = None
 
 
 def crop_offset(length: int, block_size: int, transition_dim: int) -> int:
@@ -251,6 +254,10 @@ def _sample_actions(
         num = spec.action_bins[i]
         allowed = spec.masks[spec.obs_dim + i, :num]
         logits = restrict(stream.logp[:, :num], allowed)
+        if cfg.act_support is not None:
+            # The behaviour's support is the GPT's (the data's) distribution, before any correction.
+            logits = filter_logits(logits, support=cfg.act_support)
+            allowed = allowed & torch.isfinite(logits)
         if proposal is not None:
             # Masked again: the hook only reshapes the distribution, it cannot re-allow a bin.
             logits = restrict(proposal.logits(i, logits), allowed)

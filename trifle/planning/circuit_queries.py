@@ -24,6 +24,12 @@ from trifle.planning.sampling import bin_values
 #: Largest batch sent to the circuit in one call (keeps the [B, V, C] evidence tensor moderate).
 MAX_QUERY_ROWS = 4096
 
+#: Rules of the proposal's value threshold (:func:`kept_bins`, ``planner.value_threshold``); first = default.
+VALUE_THRESHOLDS = ("strict", "cdf")
+#: Forms of m-Trifle's plan value (:func:`expected_multistep_value`, ``planner.multistep_value``);
+#: first = default.
+MULTISTEP_VALUES = ("survival", "soft_pad")
+
 
 @dataclass(frozen=True)
 class WindowLayout:
@@ -129,15 +135,42 @@ def value_distribution(
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def kept_bins(value_probs: torch.Tensor, top_ratio: float) -> torch.Tensor:
-    """The released code's adaptive threshold (notes §1.4): keep bins whose CDF >= 1 - top_ratio.
+def kept_bins(value_probs: torch.Tensor, top_ratio: float, rule: str = "strict") -> torch.Tensor:
+    """The adaptive threshold of Trifle's proposal (notes §1.4): which value bins count as "good".
 
-    So the kept set starts at the (1 - top_ratio)-quantile of p(V | ...) and carries at least
-    ``top_ratio`` of the mass; bins are in ascending value order. Computed in float64 against the
-    row's own total so that top_ratio = 1 keeps every bin.
+    Bins are in ascending value order. Let q be the (1 - top_ratio)-quantile bin of p(V | ...), the
+    first bin whose CDF >= 1 - top_ratio. Two rules (``planner.value_threshold``):
+
+    * ``"cdf"`` (the released code): keep the bins whose CDF >= 1 - top_ratio, i.e. q and every bin
+      above it; the kept set carries *at least* ``top_ratio`` of the mass and the score of a candidate
+      is P(V >= v_q | s, a^{<=i}).
+    * ``"strict"`` (default): keep the bins strictly above q; the kept set carries *at most*
+      ``top_ratio`` of the mass and the score is P(V > v_q | s, a^{<=i}). If q is the top bin (nothing
+      lies above it) the kept set is {q}, as under ``"cdf"``, so it is never empty.
+
+    Both say "V lies in the top ``top_ratio`` of its distribution" and they differ by the single bin q.
+    Where the distribution is continuous-ish (no bin holds much mass) q holds little mass, so
+    P(V >= v_q) and P(V > v_q) are close and both are the same threshold, one bin apart; in the
+    continuous limit they coincide. At an atom they do not: when q holds much of the mass, ``"cdf"``'s
+    score is dominated by the atom, and when q is the lowest bin (it holds at least 1 - top_ratio of
+    the mass; FrozenLake: p(V = 0 | s) > 0.8 in most states) ``"cdf"`` keeps every bin, every candidate
+    scores p(V in all bins | s, a) = 1 and the correction is inert. ``"strict"`` scores
+    P(V > v_q | s, a), the probability of doing better than the atom, which tells candidates apart.
+
+    Computed in float64 against the row's own total, so that top_ratio = 1 keeps every bin under both
+    rules (the level 1 - top_ratio = 0 lies below every bin).
     """
+    if rule not in VALUE_THRESHOLDS:
+        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {VALUE_THRESHOLDS}")
     cdf = value_probs.double().cumsum(dim=-1)
-    return cdf >= (1.0 - float(top_ratio)) * cdf[..., -1:]
+    level = (1.0 - float(top_ratio)) * cdf[..., -1:]
+    at_or_above = cdf >= level
+    if rule == "cdf":
+        return at_or_above
+    # Bin j lies strictly above q iff the mass of the bins below j already reaches the level.
+    below = torch.cat([torch.zeros_like(cdf[..., :1]), cdf[..., :-1]], dim=-1)
+    above = below >= level
+    return torch.where(above.any(dim=-1, keepdim=True), above, at_or_above)
 
 
 def candidate_scores(
@@ -213,18 +246,41 @@ def expected_multistep_value(
     window: int,
     discount: float,
     discretizer: Discretizer,
+    form: str = "survival",
 ) -> torch.Tensor:
-    """E[V^m] = sum_{h<H} γ^h E[r_h] + γ^H E[V_{H-1}] given s_t and planned actions a_t..a_{t+H-1}.
+    """m-Trifle's value of a plan: s_t and planned actions a_0..a_{H-1} (tokens) -> expected return.
 
-    ``obs`` [B, obs_dim] and ``actions`` [B, H, act_dim] are tokens, H <= window. Intermediate states,
-    and actions after the plan, are marginalised; all H rewards and the last value come from one
-    conditional query. ``V_{H-1}`` is TT's value token, the discounted return after r_{H-1}
-    (notes §1.5, Algorithm 3). A reward or value in the pad category (the episode ended) counts as 0.
+    ``obs`` [B, obs_dim] and ``actions`` [B, H, act_dim] are tokens, H <= window; the result is [B]
+    (float64). Intermediate states, and actions after the plan, are marginalised exactly. ``V_h`` is TT's
+    value token, the discounted return after r_h (notes §1.5, Algorithm 3). A reward or value in the pad
+    category (the episode ended) counts as 0. Rows with the same state and plan are queried once.
 
-    The first action is hard evidence. A later planned action a_h is soft evidence "a_h = planned or
-    pad": in the data, actions after a terminal state are pad, so hard evidence would wrongly rule out
-    every trajectory that ends inside the plan (a Taxi delivery, say).
+    ``form="survival"`` (default, ``planner.multistep_value``)::
+
+        sum_{h<H} γ^h S_h E[r_h | s_0, a_0..a_h] + γ^H S_{H-1} E[V_{H-1} | s_0, a_0..a_{H-1}],
+        S_0 = 1,  S_h = prod_{k=1..h} P(a_k != pad | s_0, a_0..a_{k-1})
+
+    Every planned action is hard evidence, and S_h is the probability that the episode still runs at
+    step h (in the circuit's data every variable after a terminal is pad, so a_k is pad iff the episode
+    ended before step k). An episode that ended contributes nothing afterwards, as in the environment.
+    H queries: query h conditions on s_0, a_0..a_h and asks for r_h, V_h (h = H-1) and the first action
+    variable of step h+1 (h < H-1), whose pad probability gives S_{h+1} / S_h.
+
+    Zero-probability evidence (0/0), never NaN: a row is not queried at step h once S_h = 0 (the data
+    never continues; its remaining terms carry weight 0 and count 0). If the query of a row with S_h > 0
+    has no answer (the circuit returns no distribution: the data continues after a_0..a_{h-1} but never
+    with the planned a_h), a_h is replaced, from step h on, by soft evidence "a_h is not pad", i.e. the
+    data's own action at that step; if even that has no answer, the terms from h on count 0. With a
+    trained circuit neither happens (EM's pseudocount makes every probability positive).
+
+    ``form="soft_pad"`` (the former semantics, kept for measurement): one query, with a_0 hard and each
+    later a_h soft evidence "a_h = planned or pad", and E[V^m] = sum_h γ^h E[r_h] + γ^H E[V_{H-1}] under
+    that posterior. It weighs "the episode ended before h" against "the data took a_h", so an action
+    the data rarely takes is explained by the episode having ended: with negative rewards (Taxi) an
+    odd or illegal plan looks like a free 0.
     """
+    if form not in MULTISTEP_VALUES:
+        raise ValueError(f"unknown multi-step value form {form!r}; expected one of {MULTISTEP_VALUES}")
     b, horizon, act_dim = actions.shape
     obs_dim = obs.size(1)
     layout = WindowLayout(obs_dim, act_dim, window, circuit.num_cats)
@@ -232,25 +288,109 @@ def expected_multistep_value(
         raise ValueError(f"expected 1 <= plan length <= window={window}, got {horizon}")
     # Rows with the same state and plan have the same value: query each distinct one once.
     first, inverse = unique_rows(torch.cat([obs.long(), actions.reshape(b, -1).long()], dim=1))
-    obs, actions, b = obs[first], actions[first], len(first)
+    obs, actions = obs[first].long(), actions[first].long()
+    r_vals = bin_values(discretizer.columns[-2].values, layout.num_cats).to(obs.device)
+    v_vals = bin_values(discretizer.columns[-1].values, layout.num_cats).to(obs.device)
+    value = _soft_pad_value if form == "soft_pad" else _survival_value
+    return value(circuit, layout, obs, actions, discount, r_vals, v_vals)[inverse]
+
+
+def _plan_evidence(
+    layout: WindowLayout, obs: torch.Tensor, actions: torch.Tensor, upto: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, missing)``: s_0 and the planned actions a_0..a_upto observed, everything else missing."""
     x, missing = layout.evidence(obs)
-    for i in range(act_dim):
-        x[:, layout.act_var(0, i)] = actions[:, 0, i]
-        missing[:, layout.act_var(0, i)] = False
+    for h in range(upto + 1):
+        for i in range(layout.act_dim):
+            x[:, layout.act_var(h, i)] = actions[:, h, i]
+            missing[:, layout.act_var(h, i)] = False
+    return x, missing
+
+
+def _soft_pad_value(circuit, layout, obs, actions, discount, r_vals, v_vals) -> torch.Tensor:
+    """``form="soft_pad"``: one query, a_0 hard, later a_h soft "planned or pad"."""
+    b, horizon, act_dim = actions.shape
+    x, missing = _plan_evidence(layout, obs, actions, 0)
     soft = None
     if horizon > 1:
         soft = torch.ones(b, layout.num_vars, layout.num_cats, dtype=torch.float32, device=x.device)
         for h in range(1, horizon):
             for i in range(act_dim):
                 row = torch.zeros(b, layout.num_cats, device=x.device)
-                row.scatter_(1, actions[:, h, i : i + 1].long(), 1.0)
+                row.scatter_(1, actions[:, h, i : i + 1], 1.0)
                 row[:, layout.pad] = 1.0
                 soft[:, layout.act_var(h, i)] = row
     targets = [layout.reward_var(h) for h in range(horizon)] + [layout.value_var(horizon - 1)]
     probs = conditional_unique(circuit, x, missing, targets, soft, dedup=False)  # [b, H + 1, C]
-    r_vals = bin_values(discretizer.columns[-2].values, layout.num_cats).to(x.device)
-    v_vals = bin_values(discretizer.columns[-1].values, layout.num_cats).to(x.device)
     weights = discount ** torch.arange(horizon + 1, dtype=torch.float64, device=x.device)
     rewards = probs[:, :horizon] @ r_vals
     value = probs[:, horizon] @ v_vals
-    return (rewards @ weights[:horizon] + weights[horizon] * value)[inverse]
+    return rewards @ weights[:horizon] + weights[horizon] * value
+
+
+def _is_distribution(probs: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether every target's row of a conditional ``[B, T, C]`` is a distribution (evidence of
+    probability zero gives 0/0: NaN, or zeros, depending on the circuit)."""
+    return torch.isfinite(probs).all(dim=-1).all(dim=-1) & (probs.sum(dim=-1) > 0.5).all(dim=-1)
+
+
+def _plan_query(
+    circuit,
+    layout: WindowLayout,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    known: torch.Tensor,
+    upto: int,
+    targets: list[int],
+) -> torch.Tensor:
+    """``[B, T, C]``: targets given s_0 and a_0..a_upto, where a_h is hard evidence if ``known[:, h]``,
+    else soft evidence "a_h is not pad" on its first dimension (the data's own action at step h)."""
+    x, missing = _plan_evidence(layout, obs, actions, upto)
+    out = torch.zeros(len(obs), len(targets), layout.num_cats, dtype=torch.float64, device=obs.device)
+    loose = ~known[:, : upto + 1].all(dim=1)
+    tight = ~loose
+    if tight.any():
+        out[tight] = conditional_unique(circuit, x[tight], missing[tight], targets)
+    if loose.any():
+        free = ~known[loose, : upto + 1]
+        xl, ml = x[loose], missing[loose]
+        soft = torch.ones(len(xl), layout.num_vars, layout.num_cats, dtype=torch.float64, device=x.device)
+        for h in range(upto + 1):
+            vars_h = [layout.act_var(h, i) for i in range(layout.act_dim)]
+            rows = free[:, h].nonzero().squeeze(1)
+            ml[rows[:, None], torch.tensor(vars_h, device=x.device)[None, :]] = True
+            soft[rows, layout.act_var(h, 0), layout.pad] = 0.0
+        out[loose] = conditional_unique(circuit, xl, ml, targets, soft)
+    return out
+
+
+def _survival_value(circuit, layout, obs, actions, discount, r_vals, v_vals) -> torch.Tensor:
+    """``form="survival"``: H queries with hard actions, weighted by the survival probabilities S_h."""
+    b, horizon, _ = actions.shape
+    dev = obs.device
+    survival = torch.ones(b, dtype=torch.float64, device=dev)  # S_h
+    known = torch.ones(b, horizon, dtype=torch.bool, device=dev)  # a_h is hard evidence
+    total = torch.zeros(b, dtype=torch.float64, device=dev)
+    for h in range(horizon):
+        last = h == horizon - 1
+        targets = [layout.reward_var(h), layout.value_var(h) if last else layout.act_var(h + 1, 0)]
+        probs = torch.zeros(b, 2, layout.num_cats, dtype=torch.float64, device=dev)
+        rows = (survival > 0).nonzero().squeeze(1)
+        if len(rows):
+            probs[rows] = _plan_query(circuit, layout, obs[rows], actions[rows], known[rows], h, targets)
+        failed = rows[~_is_distribution(probs[rows])]
+        if len(failed):
+            # The data continues but never with the planned a_h: use the data's own action at step h.
+            known[failed, h] = False
+            probs[failed] = _plan_query(
+                circuit, layout, obs[failed], actions[failed], known[failed], h, targets
+            )
+            dead = failed[~_is_distribution(probs[failed])]
+            survival[dead], probs[dead] = 0.0, 0.0
+        term = discount**h * (probs[:, 0] @ r_vals)
+        if last:
+            term = term + discount**horizon * (probs[:, 1] @ v_vals)
+        total = total + survival * term
+        if not last:
+            survival = survival * (1.0 - probs[:, 1, layout.pad]).clamp(0.0, 1.0)
+    return total

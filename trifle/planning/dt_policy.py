@@ -15,6 +15,7 @@ other environments are still running.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,24 @@ import torch
 from trifle.errors import ConfigError
 from trifle.models.dt import DecisionTransformer
 from trifle.models.dt_training import load_dt
+
+
+def parse_target_returns(value: Any, key: str) -> list[float]:
+    """One or several conditioning returns as a non-empty list of finite floats.
+
+    ``value`` is a number or a list of numbers (``key`` names the config key in the error). Booleans and
+    strings are rejected rather than coerced, so a typo cannot silently become a target.
+    """
+
+    def number(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
+
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(number(item) for item in items):
+        raise ConfigError(
+            f"{key}: expected a finite number or a non-empty list of finite numbers, got {value!r}"
+        )
+    return [float(item) for item in items]
 
 
 class DTPolicy:

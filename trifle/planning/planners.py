@@ -6,9 +6,24 @@ All three run TT's beam search (trifle.planning.beam) on the same GPT; they diff
 method     first-step action proposal                       value of a candidate plan
 ========== ================================================ ==========================================
 tt         p_GPT(a^i | ...)                                 GPT: Σ γ^τ E[r_τ] + γ^{t+1} E[V_t]
-trifle-s   p_GPT(a^i | ...) · p_PC(V_t top | s, a^{<=i})    GPT, as tt (the released code, notes §1.6)
-trifle-m   same correction as trifle-s                      circuit: E[V^m] over the K-window (§1.5)
+trifle-s   p_GPT(a^i | ...) · p_PC(V_t > v_q | s, a^{<=i})  GPT, as tt (the released code, notes §1.6)
+trifle-m   same correction as trifle-s                      circuit: Σ γ^h S_h E[r_h] + γ^H S_{H-1}
+                                                            E[V_{H-1}] over the K-window (§1.5)
 ========== ================================================ ==========================================
+
+Two semantic choices have a config key each, so that each form can be measured against the other:
+
+* ``value_threshold`` (trifle-s, trifle-m, trifle-s-safe): v_q is the (1 - top_ratio)-quantile bin of
+  p_PC(V_t | s, a^{<i}). ``strict`` (default) keeps the bins strictly above it (q alone if it is the top
+  bin): P(V_t > v_q | ...). ``cdf`` is the released code's rule, q included: P(V_t >= v_q | ...). They
+  differ by one bin; where the lowest bin is an atom holding at least 1 - top_ratio of the mass
+  (FrozenLake: p(V = 0 | s) > 0.8 in most states), ``cdf`` keeps every bin and its correction is 1 for
+  every candidate, i.e. inert, while ``strict`` still asks for a better-than-the-atom value.
+* ``multistep_value`` (trifle-m): ``survival`` (default) conditions on every planned action (hard
+  evidence) and weighs step h by S_h = P(episode still running at h | s, a_0..a_{h-1}); ``soft_pad``
+  is the former single query with later actions as soft evidence "planned or pad", which rates an
+  action the data rarely takes as "the episode probably ended" and, with negative rewards (Taxi),
+  makes odd or illegal plans look like a free 0 (circuit_queries.expected_multistep_value).
 
 The correction variable of both Trifle variants is the first transition's value token V_t (the
 discounted return after r_t) of the circuit's window: a distribution over a *sum* of window variables
@@ -31,6 +46,8 @@ from trifle.errors import ConfigError
 from trifle.models.gpt import TrajectoryGPT
 from trifle.planning.beam import BeamSettings, TokenSpec, beam_search
 from trifle.planning.circuit_queries import (
+    MULTISTEP_VALUES,
+    VALUE_THRESHOLDS,
     WindowLayout,
     candidate_scores,
     constraint_evidence,
@@ -53,10 +70,14 @@ BEAM_KEYS = (
     "k_obs",
     "k_act",
     "cdf_act",
+    "act_support",
     "max_context_transitions",
     "use_cache",
     "constrained",
 )
+#: Keys only the Trifle methods have (``multistep_value``: trifle-m only).
+TRIFLE_KEYS = ("top_ratio", "value_threshold")
+TRIFLE_M_KEYS = ("multistep_value",)
 
 
 @dataclass(frozen=True)
@@ -70,11 +91,14 @@ class PlannerSettings:
     k_obs: int | None
     k_act: int | None
     cdf_act: float | None
+    act_support: float | None
     max_context_transitions: int
     use_cache: bool
     top_ratio: float | None = None
     constrained: bool = False
     name: str = ""
+    value_threshold: str | None = None
+    multistep_value: str | None = None
 
     def beam(self, discount: float) -> BeamSettings:
         return BeamSettings(
@@ -84,6 +108,7 @@ class PlannerSettings:
             k_obs=self.k_obs,
             k_act=self.k_act,
             cdf_act=self.cdf_act,
+            act_support=self.act_support,
             discount=discount,
             use_cache=self.use_cache,
         )
@@ -124,7 +149,8 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
     method = cfg.get("method")
     if method not in METHODS:
         raise ConfigError(f"planner.method: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    allowed = BEAM_KEYS + (("top_ratio",) if method in TRIFLE_METHODS else ())
+    allowed = BEAM_KEYS + (TRIFLE_KEYS if method in TRIFLE_METHODS else ())
+    allowed += TRIFLE_M_KEYS if method == "trifle-m" else ()
     for key in cfg:
         if key not in allowed:
             raise ConfigError(
@@ -140,6 +166,9 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         raise ConfigError(
             f"planner.name: expected the method's name (a non-empty string), got {cfg['name']!r}"
         )
+    for key, choices in (("value_threshold", VALUE_THRESHOLDS), ("multistep_value", MULTISTEP_VALUES)):
+        if key in allowed and cfg[key] not in choices:
+            raise ConfigError(f"planner.{key}: expected one of {', '.join(choices)}, got {cfg[key]!r}")
     return PlannerSettings(
         method=method,
         beam_width=_int(cfg, "beam_width", 1),
@@ -148,20 +177,26 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         k_obs=_int(cfg, "k_obs", 1, optional=True),
         k_act=_int(cfg, "k_act", 1, optional=True),
         cdf_act=_fraction(cfg, "cdf_act", optional=True, closed_top=False),
+        act_support=_fraction(cfg, "act_support", optional=True),
         max_context_transitions=_int(cfg, "max_context_transitions", 0),
         use_cache=cfg["use_cache"],
         top_ratio=_fraction(cfg, "top_ratio") if method in TRIFLE_METHODS else None,
         constrained=cfg["constrained"],
         name=cfg["name"],
+        value_threshold=cfg.get("value_threshold"),
+        multistep_value=cfg.get("multistep_value"),
     )
 
 
 class CircuitProposal:
-    """Eq. 2 with the released code's threshold (notes §1.4, §1.7), for the first planning step.
+    """Eq. 2 with an adaptive value threshold (notes §1.4, §1.7), for the first planning step.
 
     For action dimension i: p(a^i = c) ∝ p_GPT(a^i = c | ...) · p_PC(V_t in kept | s_t, a^{<i}, a^i = c),
-    where "kept" are the bins of p_PC(V_t | s_t, a^{<i}) with CDF >= 1 - top_ratio; after a^i is
-    sampled the threshold distribution becomes the chosen candidate's p_PC(V_t | s_t, a^{<=i}).
+    where "kept" are the bins of p_PC(V_t | s_t, a^{<i}) above its (1 - top_ratio)-quantile bin q:
+    strictly above q under ``value_threshold="strict"`` (the default; {q} alone if q is the top bin),
+    q included under ``"cdf"`` (the released code: CDF >= 1 - top_ratio), see
+    circuit_queries.kept_bins. After a^i is sampled the threshold distribution becomes the chosen
+    candidate's p_PC(V_t | s_t, a^{<=i}).
 
     Under an action constraint C (``soft``: the allowed bins as evidence, circuit_queries.constraint_evidence)
     every query also conditions on C, and each candidate's score is p(V in kept, C | s_t, a^{<i}, a^i = c)
@@ -177,9 +212,10 @@ class CircuitProposal:
         top_ratio: float,
         value_bins: int,
         soft: torch.Tensor | None = None,
+        value_threshold: str = VALUE_THRESHOLDS[0],
     ):
         self.circuit, self.layout, self.obs = circuit, layout, obs
-        self.top_ratio, self.value_bins = top_ratio, value_bins
+        self.top_ratio, self.value_bins, self.value_threshold = top_ratio, value_bins, value_threshold
         self.value_var = layout.value_var(0)
         self.soft = soft
 
@@ -190,7 +226,7 @@ class CircuitProposal:
         )
 
     def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
-        keep = kept_bins(self.val_probs, self.top_ratio)
+        keep = kept_bins(self.val_probs, self.top_ratio, self.value_threshold)
         var = self.layout.act_var(0, dim)
         scores, self.dists = candidate_scores(
             self.circuit, self.x, self.missing, var, logp.size(1), self.value_var, keep, self.soft
@@ -207,11 +243,20 @@ class CircuitProposal:
 
 
 class CircuitValue:
-    """m-Trifle's plan value: the circuit's E[V^m] given s_t and the planned actions (Algorithm 3)."""
+    """m-Trifle's plan value: the circuit's expected return given s_t and the planned actions
+    (Algorithm 3), in the form ``multistep_value`` (circuit_queries.expected_multistep_value)."""
 
-    def __init__(self, circuit, obs: torch.Tensor, window: int, discount: float, discretizer: Discretizer):
+    def __init__(
+        self,
+        circuit,
+        obs: torch.Tensor,
+        window: int,
+        discount: float,
+        discretizer: Discretizer,
+        multistep_value: str = MULTISTEP_VALUES[0],
+    ):
         self.circuit, self.obs, self.window = circuit, obs, window
-        self.discount, self.discretizer = discount, discretizer
+        self.discount, self.discretizer, self.form = discount, discretizer, multistep_value
 
     def __call__(self, step: int, env_of_row: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor):
         return expected_multistep_value(
@@ -221,6 +266,7 @@ class CircuitValue:
             window=self.window,
             discount=self.discount,
             discretizer=self.discretizer,
+            form=self.form,
         )
 
 
@@ -278,10 +324,16 @@ class BeamPlanner:
         if self.allowed:
             allowed = {d: torch.as_tensor(b) for d, b in self.allowed.items()}
             soft = constraint_evidence(layout, allowed).to(self.device)
-        proposal = CircuitProposal(self.circuit, layout, obs, self.settings.top_ratio, value_bins, soft)
+        settings = self.settings
+        proposal = CircuitProposal(
+            self.circuit, layout, obs, settings.top_ratio, value_bins, soft, settings.value_threshold
+        )
         if method == "trifle-s":
             return proposal, None
-        return proposal, CircuitValue(self.circuit, obs, self.circuit_window, self.discount, self.discretizer)
+        value = CircuitValue(
+            self.circuit, obs, self.circuit_window, self.discount, self.discretizer, settings.multistep_value
+        )
+        return proposal, value
 
     def act(self, env_ids: np.ndarray, obs: np.ndarray) -> np.ndarray:
         if self.generator is None:

@@ -14,6 +14,7 @@ with excluded tokens set to ``-inf``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,12 +70,30 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
-def filter_logits(logits: torch.Tensor, *, k: int | None = None, cdf: float | None = None) -> torch.Tensor:
-    """TT's order: the cdf filter first, then top-k; ``None`` disables either."""
+def filter_support(logits: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the tokens whose probability is at least ``ratio`` times the row's most likely token's.
+
+    The behaviour-support rule of discrete BCQ (Fujimoto, Conti, Ghavamzadeh & Pineau 2019, "Benchmarking
+    batch deep RL algorithms", threshold tau = 0.3): an action the data's policy rarely takes in a state
+    has few, unrepresentative value labels (in Q-learning data, exploration steps whose labels come
+    from whatever the learner did later), so a planner that trusts its predicted value is misled.
+    Relative to the mode, so it adapts to how deterministic the behaviour is in each state, unlike a
+    fixed top-k or TT's cumulative-mass cut.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    return logits.masked_fill(logp < logp.amax(dim=-1, keepdim=True) + math.log(ratio), NEG_INF)
+
+
+def filter_logits(
+    logits: torch.Tensor, *, k: int | None = None, cdf: float | None = None, support: float | None = None
+) -> torch.Tensor:
+    """TT's order: the cdf filter first, then top-k; then the support filter. ``None`` disables each."""
     if cdf is not None:
         logits = filter_cdf(logits, cdf)
     if k is not None:
         logits = top_k(logits, k)
+    if support is not None:
+        logits = filter_support(logits, support)
     return logits
 
 

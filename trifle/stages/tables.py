@@ -10,7 +10,10 @@ from typing import Any
 from trifle.errors import DataError
 from trifle.io import atomic_path, read_json, write_json
 
-MODEL_COLUMNS = ("task", "model", "seed", "train_ll_per_token", "heldout_ll_per_token", "train_seconds")
+REQUIRED_COLUMNS = ("task", "model", "seed", "train_ll_per_token", "heldout_ll_per_token", "train_seconds")
+# The circuit's conditionals against the data (trifle.models.circuits.diagnostics); empty for other models.
+DIAGNOSTIC_COLUMNS = ("reward_tv", "q_within_state_corr", "value_calibration_error", "value_corr")
+MODEL_COLUMNS = REQUIRED_COLUMNS + DIAGNOSTIC_COLUMNS
 
 
 def write_model_metrics(
@@ -42,13 +45,15 @@ def _row(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: metrics file not found")
     metrics = read_json(path)
-    missing = [k for k in MODEL_COLUMNS if k not in metrics]
+    missing = [k for k in REQUIRED_COLUMNS if k not in metrics]
     if missing:
         raise DataError(f"{path}: metrics file lacks keys {missing}")
-    return {k: metrics[k] for k in MODEL_COLUMNS}
+    return {k: metrics.get(k, "") for k in MODEL_COLUMNS}
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value != value:  # NaN: the quantity does not apply
+        return ""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 

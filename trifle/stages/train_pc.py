@@ -10,6 +10,8 @@ import torch
 from trifle.data.circuit_windows import circuit_windows
 from trifle.data.tokens import load_tokens
 from trifle.data.windows import split_episodes
+from trifle.models.circuits.backend import load_circuit
+from trifle.models.circuits.diagnostics import circuit_diagnostics
 from trifle.models.circuits.training import train_circuit
 from trifle.stages.tables import write_model_metrics
 
@@ -52,7 +54,14 @@ def run(cfg: dict[str, Any]) -> Path:
         out_path=out,
         backend=pc["backend"],
         progress=cfg["progress"],
+        structure=pc["structure"],
     )
+    # Conditionals against the data's counts (trifle.models.circuits.diagnostics), on the saved circuit.
+    circuit = load_circuit(out, backend="torch", device="cpu")
+    diagnostics = circuit_diagnostics(
+        circuit, data, train_ids, valid_ids, discount=cfg["task"]["labels"]["discount"], seed=cfg["seed"]
+    )
+    metrics["diagnostics"] = diagnostics
     write_model_metrics(
         cfg,
         "pc",
@@ -60,5 +69,6 @@ def run(cfg: dict[str, Any]) -> Path:
         train_ll=metrics["train_ll_per_var"],
         heldout_ll=metrics["heldout_ll_per_var"],
         window=window,
+        **diagnostics,
     )
     return out

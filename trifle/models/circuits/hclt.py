@@ -1,10 +1,16 @@
-"""Build the Hidden Chow-Liu Tree (HCLT) circuit the paper uses, with a seeded parameter initialisation."""
+"""Build the Hidden Chow-Liu Tree (HCLT) circuit the paper uses, with a seeded parameter initialisation.
+
+The tree comes from the exact mutual information of the token columns (trifle.models.circuits.structure);
+``structure="pyjuice"`` keeps pyjuice's own binned estimator, only to measure what the exact one changes.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from trifle.errors import ConfigError, DataError
+
+from .structure import chow_liu_tree, mutual_information_matrix, tree_root
 
 
 def validate_tokens(data: torch.Tensor, num_cats: int, *, name: str = "data") -> None:
@@ -29,7 +35,14 @@ def validate_tokens(data: torch.Tensor, num_cats: int, *, name: str = "data") ->
         )
 
 
-def build_hclt(data: torch.Tensor, *, num_cats: int, num_latents: int, seed: int):
+#: Ways to learn the HCLT's tree: exact plug-in MI of the categories (the default), or pyjuice's
+#: min/max-rescaled Gaussian-binned estimate (made for pixels; wrong on token columns, kept to measure it).
+STRUCTURES = ("exact-mi", "pyjuice")
+
+
+def build_hclt(
+    data: torch.Tensor, *, num_cats: int, num_latents: int, seed: int, structure: str = "exact-mi"
+):
     """Learn the Chow-Liu tree from ``data`` and return pyjuice's HCLT root node set with initialised parameters.
 
     Parameters are initialised inside a forked RNG so the same seed gives the same circuit and the
@@ -42,15 +55,25 @@ def build_hclt(data: torch.Tensor, *, num_cats: int, num_latents: int, seed: int
         raise ConfigError(f"num_cats: expected an integer >= 2, got {num_cats!r}")
     if not isinstance(num_latents, int) or num_latents < 1:
         raise ConfigError(f"num_latents: expected an integer >= 1, got {num_latents!r}")
+    if structure not in STRUCTURES:
+        raise ConfigError(f"pc.structure: expected one of {', '.join(STRUCTURES)}, got {structure!r}")
     validate_tokens(data, num_cats)
     if data.size(1) < 2:
         raise DataError(f"data: an HCLT needs at least 2 variables, got {data.size(1)}")
     data = data.long().cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        root_ns = pyjuice.structures.HCLT(
-            data, num_latents=num_latents, input_dist=Categorical(num_cats=num_cats)
-        )
+        if structure == "pyjuice":
+            root_ns = pyjuice.structures.HCLT(
+                data, num_latents=num_latents, input_dist=Categorical(num_cats=num_cats)
+            )
+        else:
+            from pyjuice.structures.compilation import BayesianTreeToHiddenRegionGraph
+
+            tree = chow_liu_tree(mutual_information_matrix(data, num_cats))
+            root_ns = BayesianTreeToHiddenRegionGraph(
+                tree, tree_root(tree), num_latents, Categorical, {"num_cats": num_cats}
+            )
         # pyjuice's default `visited` argument is a shared mutable set; pass a fresh one.
         root_ns.init_parameters(visited=set())
     return root_ns

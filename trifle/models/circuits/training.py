@@ -173,6 +173,7 @@ def train_circuit(
     out_path: str | Path,
     backend: str = "auto",
     progress: bool = True,
+    structure: str = "exact-mi",
 ) -> dict:
     """Build an HCLT from ``train``, run ``epochs`` full-batch EM epochs, write ``out_path`` (.jpc).
 
@@ -191,9 +192,10 @@ def train_circuit(
         "pseudocount": float(pseudocount),
         "seed": seed,
         "backend": backend,
+        "structure": structure,
     }
     fingerprint = _fingerprint(train, valid, settings)
-    root_ns = build_hclt(train, num_cats=num_cats, num_latents=num_latents, seed=seed)
+    root_ns = build_hclt(train, num_cats=num_cats, num_latents=num_latents, seed=seed, structure=structure)
     run = _train_pyjuice if backend == "pyjuice" else _train_torch
     return run(root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress)
 
