@@ -395,9 +395,9 @@ def test_the_new_keys_are_validated_per_method(cfg, message):
     ("method", "threshold", "multistep"),
     [
         ("tt", None, None),
-        ("trifle-s", "strict", None),
-        ("trifle-m", "strict", "survival"),
-        ("trifle-s-safe", "strict", None),
+        ("trifle-s", "cdf", None),
+        ("trifle-m", "cdf", "survival"),
+        ("trifle-s-safe", "cdf", None),
         ("tt-safe", None, None),
     ],
 )
@@ -410,12 +410,12 @@ def test_shipped_defaults(method, threshold, multistep):
         [
             "task=taxi-stochastic",
             "planner=trifle-m",
-            "planner.value_threshold=cdf",
+            "planner.value_threshold=strict",
             "planner.multistep_value=soft_pad",
         ]
     )["planner"]
     assert (validate_config(over).value_threshold, validate_config(over).multistep_value) == (
-        "cdf",
+        "strict",
         "soft_pad",
     )
 
