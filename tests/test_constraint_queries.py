@@ -96,7 +96,7 @@ def test_first_dimension_anticipates_the_constraint_on_the_second(circuit, joint
     soft = constraint_evidence(LAYOUT, {k: torch.as_tensor(v) for k, v in ALLOWED.items()})
     x, missing = _evidence([0, 1], [None, None])
     probs = value_distribution(circuit, x, missing, V, 3, soft)
-    keep = kept_bins(probs, 0.4)
+    keep = kept_bins(probs, 0.4, "strict")
     scores, _ = candidate_scores(circuit, x, missing, A0, 3, V, keep, soft)
     for b, s in enumerate([0, 1]):
         kept = {j for j in range(3) if keep[b, j]}
@@ -165,7 +165,7 @@ def test_constrained_scores_agree_between_the_pyjuice_and_torch_backends_on_cuda
     soft = constraint_evidence(LAYOUT, {k: torch.as_tensor(v) for k, v in ALLOWED.items()}).cuda()
     x, missing = _evidence([0, 1, 1, 0], [None, 2, 0, 1])
     x, missing = x.cuda(), missing.cuda()
-    keep = kept_bins(value_distribution(torch_c, x, missing, V, 3, soft), 0.4)
+    keep = kept_bins(value_distribution(torch_c, x, missing, V, 3, soft), 0.4, "strict")
     assert torch.allclose(
         value_distribution(pyjuice_c, x, missing, V, 3, soft),
         value_distribution(torch_c, x, missing, V, 3, soft),

@@ -32,11 +32,11 @@ from trifle.models.gpt import KVCache
 from trifle.models.oracle import EmpiricalCircuit, TabularGPT, TokenCache
 from trifle.planning.beam import BeamSettings, TokenSpec, beam_search
 from trifle.planning.circuit_queries import (
+    CorrectionTarget,
     WindowLayout,
     candidate_scores,
     expected_multistep_value,
     kept_bins,
-    value_distribution,
 )
 from trifle.planning.planners import make_planner
 from trifle.planning.sampling import bin_values, column_masks
@@ -562,32 +562,58 @@ def test_taxi_planners_on_oracle_models_beat_the_data(taxi, method):
     assert np.mean(results.successes) >= 0.8
 
 
-@pytest.mark.parametrize(
-    "rule",
-    [
-        "cdf",
-        pytest.param(
-            "strict",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known flaw found with the oracle circuit: the correction variable V_t excludes r_t, "
-                "so the delivering drop-off has V_t = 0, below every other action's V_t; 'strict' keeps only "
-                "the bins above the 0.8-quantile bin (V = 0 holds 90% of p(V | s)) and scores the drop-off "
-                "exactly 0 (which is why the shipped default is 'cdf'); without an action filter that leaves the "
-                "drop-off as the only candidate, trifle-s under 'strict' never delivers",
-            ),
-        ),
-    ],
-)
-def test_trifle_proposal_keeps_the_delivering_dropoff(taxi, rule):
-    """At the destination with the passenger on board, the circuit's score of Trifle's correction must
-    not rule out the drop-off (reward +20, the data's choice there 90% of the time)."""
+@pytest.mark.parametrize("rule", ["mass", "cdf", "strict"])
+def test_trifle_proposal_at_the_delivery_state(taxi, rule):
+    """At the destination with the passenger on board, the drop-off (reward +20, the data's choice there
+    90% of the time) is the best action.
+
+    With the return-to-go target its G = 20.19 is the top level and holds 90% of p(G | s): the mass rule
+    (the default) scores it highest and the cdf rule positively; the strict rule keeps only the levels
+    above the atom, which no action reaches, and scores every action 0. With V_t alone (the return
+    *after* r_t: 0 after the delivery) even the drop-off's mass sits below other actions' values and
+    the strict rule scores it 0: s-Trifle would never deliver.
+    """
     task, data, _, gpt, circuit = taxi
     layout = WindowLayout(data.obs_dim, data.act_dim, task["pc_window"], circuit.num_cats)
     x, missing = layout.evidence(torch.tensor([DELIVERY_STATE]))
-    probs = value_distribution(circuit, x, missing, layout.value_var(0), int(data.discretizer.num_bins[-1]))
-    keep = kept_bins(probs, task["planning"]["top_ratio"], rule)
-    scores, _ = candidate_scores(circuit, x, missing, layout.act_var(0, 0), 6, layout.value_var(0), keep)
     gpt_probs = gpt.log_prob_next(torch.tensor([DELIVERY_STATE]), None)[0][0, :6].exp()
     assert int(gpt_probs.argmax()) == DROPOFF
-    assert float(scores[0, DROPOFF]) > 0.0
+    ratio = task["planning"]["top_ratio"]
+    var = layout.act_var(0, 0)
+    rtg = CorrectionTarget.return_to_go(layout, data.discretizer, task["labels"]["discount"])
+    keep = kept_bins(rtg.distribution(circuit, x, missing), ratio, rule)
+    scores, _ = candidate_scores(circuit, x, missing, var, 6, rtg, keep)
+    if rule == "strict":
+        assert float(scores.max()) == 0.0
+    else:
+        assert float(scores[0, DROPOFF]) > 0.0 and int(scores[0].argmax()) == DROPOFF
+    if rule == "strict":
+        value_only = CorrectionTarget.value(layout.value_var(0), int(data.discretizer.num_bins[-1]))
+        keep = kept_bins(value_only.distribution(circuit, x, missing), ratio, rule)
+        scores, _ = candidate_scores(circuit, x, missing, var, 6, value_only, keep)
+        assert float(scores[0, DROPOFF]) == 0.0 and float(scores.max()) > 0.0
+
+
+def test_return_to_go_distribution_equals_counting(taxi):
+    """p(r_t + gamma V_t | s, a) from the circuit's joint (one query per reward bin) equals the data's
+    histogram of r + gamma V over the rows with that state and action (every Taxi episode ends in a
+    delivery, so every row starts a window of the empirical circuit)."""
+    task, data, _, _, circuit = taxi
+    gamma = task["labels"]["discount"]
+    layout = WindowLayout(data.obs_dim, data.act_dim, task["pc_window"], circuit.num_cats)
+    rtg = CorrectionTarget.return_to_go(layout, data.discretizer, gamma)
+    r_vals, v_vals = data.discretizer.columns[-2].values, data.discretizer.columns[-1].values
+    levels = np.unique(r_vals[:, None] + gamma * v_vals[None, :])
+    rows = data.tokens
+    for state, action in [
+        (DELIVERY_STATE, DROPOFF),
+        (DELIVERY_STATE, 0),
+        (list(rows[5, :4]), int(rows[5, 4])),
+    ]:
+        x, missing = layout.evidence(torch.tensor([state]))
+        x[:, layout.act_var(0, 0)], missing[:, layout.act_var(0, 0)] = action, False
+        got = rtg.distribution(circuit, x, missing)[0].numpy()
+        match = (rows[:, :4] == np.asarray(state)).all(axis=1) & (rows[:, 4] == action)
+        g = r_vals[rows[match, -2]] + gamma * v_vals[rows[match, -1]]
+        want = np.bincount(np.searchsorted(levels, g), minlength=len(levels)) / match.sum()
+        np.testing.assert_allclose(got, want, atol=1e-12)

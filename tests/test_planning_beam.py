@@ -246,6 +246,7 @@ def _cfg(method: str, **overrides) -> dict:
     if method != "tt":
         cfg["top_ratio"] = 0.2
         cfg["value_threshold"] = "strict"
+        cfg["correction_target"] = "value"
     if method == "trifle-m":
         cfg["multistep_value"] = "survival"
     return {**cfg, **overrides}

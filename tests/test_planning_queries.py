@@ -118,21 +118,26 @@ def test_value_distribution_matches_enumeration(circuit, joint):
 
 
 @pytest.mark.parametrize(
-    ("top_ratio", "expected", "strict"),
+    ("top_ratio", "expected", "strict", "mass"),
     [
-        (1.0, [True, True, True], [True, True, True]),
-        (0.5, [True, True, True], [False, True, True]),
-        (0.25, [False, True, True], [False, False, True]),
-        (0.2, [False, False, True], [False, False, True]),  # q is the top bin: strict keeps it alone
+        (1.0, [True, True, True], [True, True, True], [1.0, 1.0, 1.0]),
+        (0.5, [True, True, True], [False, True, True], [0.0, 1.0, 1.0]),
+        (0.25, [False, True, True], [False, False, True], [0.0, 0.0, 1.0]),
+        # q is the top bin: strict keeps it alone, mass keeps 0.8 of its 0.25 (= 0.2 of the total).
+        (0.2, [False, False, True], [False, False, True], [0.0, 0.0, 0.8]),
+        (0.6, [True, True, True], [False, True, True], [0.2, 1.0, 1.0]),
     ],
 )
-def test_threshold_keeps_the_top_mass_by_hand(top_ratio, expected, strict):
+def test_threshold_keeps_the_top_mass_by_hand(top_ratio, expected, strict, mass):
     """p = (0.5, 0.25, 0.25) has CDF (0.5, 0.75, 1): the released code keeps the bins with
-    CDF >= 1 - top_ratio; the strict rule keeps those strictly above the first of them."""
+    CDF >= 1 - top_ratio; the strict rule keeps those strictly above the first of them; the mass rule
+    (the default) weights them so that exactly top_ratio of the mass is kept."""
     probs = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
     assert kept_bins(probs, top_ratio, "cdf")[0].tolist() == expected
     assert kept_bins(probs, top_ratio, "strict")[0].tolist() == strict
-    assert kept_bins(probs, top_ratio)[0].tolist() == strict  # the default
+    weights = kept_bins(probs, top_ratio)[0]  # the default
+    torch.testing.assert_close(weights, torch.tensor(mass, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert float((probs[0] * weights).sum()) == pytest.approx(top_ratio)
 
 
 def test_threshold_matches_a_quantile_loop(circuit):
@@ -153,7 +158,7 @@ def test_candidate_scores_match_enumeration(circuit, joint):
     allx, p = joint
     x, missing = _evidence([0, 1, 1], [None, None, None])
     probs = value_distribution(circuit, x, missing, LAYOUT.value_var(0), NUM_BINS[3])
-    keep = kept_bins(probs, 0.3)
+    keep = kept_bins(probs, 0.3, "strict")
     scores, dists = candidate_scores(circuit, x, missing, LAYOUT.act_var(0, 0), 3, LAYOUT.value_var(0), keep)
     assert scores.shape == (3, 3) and dists.shape == (3, 3, 3)
     for b in range(3):

@@ -353,7 +353,7 @@ def _cfg(method: str, **overrides) -> dict:
         constrained=False,
     )
     if method != "tt":
-        cfg.update(top_ratio=0.2, value_threshold="strict")
+        cfg.update(top_ratio=0.2, value_threshold="strict", correction_target="value")
     if method == "trifle-m":
         cfg["multistep_value"] = "survival"
     return {**cfg, **overrides}
@@ -364,9 +364,12 @@ def _cfg(method: str, **overrides) -> dict:
     [
         (
             _cfg("trifle-s", value_threshold="quantile"),
-            r"planner\.value_threshold: expected one of strict, cdf",
+            r"planner\.value_threshold: expected one of mass, strict, cdf",
         ),
-        (_cfg("trifle-m", value_threshold=None), r"planner\.value_threshold: expected one of strict, cdf"),
+        (
+            _cfg("trifle-m", value_threshold=None),
+            r"planner\.value_threshold: expected one of mass, strict, cdf",
+        ),
         (
             _cfg("trifle-m", multistep_value="soft"),
             r"planner\.multistep_value: expected one of survival, soft_pad",
@@ -395,9 +398,9 @@ def test_the_new_keys_are_validated_per_method(cfg, message):
     ("method", "threshold", "multistep"),
     [
         ("tt", None, None),
-        ("trifle-s", "cdf", None),
-        ("trifle-m", "cdf", "survival"),
-        ("trifle-s-safe", "cdf", None),
+        ("trifle-s", "mass", None),
+        ("trifle-m", "mass", "survival"),
+        ("trifle-s-safe", "mass", None),
         ("tt-safe", None, None),
     ],
 )
@@ -410,14 +413,15 @@ def test_shipped_defaults(method, threshold, multistep):
         [
             "task=taxi-stochastic",
             "planner=trifle-m",
-            "planner.value_threshold=strict",
+            "planner.value_threshold=cdf",
             "planner.multistep_value=soft_pad",
         ]
     )["planner"]
     assert (validate_config(over).value_threshold, validate_config(over).multistep_value) == (
-        "strict",
+        "cdf",
         "soft_pad",
     )
+    assert validate_config(over).correction_target == "return"
 
 
 @pytest.mark.parametrize("threshold", ["strict", "cdf"])

@@ -25,7 +25,7 @@ from trifle.planning.sampling import bin_values
 MAX_QUERY_ROWS = 4096
 
 #: Rules of the proposal's value threshold (:func:`kept_bins`, ``planner.value_threshold``); first = default.
-VALUE_THRESHOLDS = ("strict", "cdf")
+VALUE_THRESHOLDS = ("mass", "strict", "cdf")
 #: Forms of m-Trifle's plan value (:func:`expected_multistep_value`, ``planner.multistep_value``);
 #: first = default.
 MULTISTEP_VALUES = ("survival", "soft_pad")
@@ -135,31 +135,32 @@ def value_distribution(
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def kept_bins(value_probs: torch.Tensor, top_ratio: float, rule: str = "strict") -> torch.Tensor:
-    """The adaptive threshold of Trifle's proposal (notes §1.4): which value bins count as "good".
+def kept_bins(value_probs: torch.Tensor, top_ratio: float, rule: str = "mass") -> torch.Tensor:
+    """The adaptive threshold of Trifle's proposal (notes §1.4): which levels count as "good", as weights.
 
-    Bins are in ascending value order. Let q be the (1 - top_ratio)-quantile bin of p(V | ...), the
-    first bin whose CDF >= 1 - top_ratio. Two rules (``planner.value_threshold``):
+    Levels are in ascending order. Let q be the (1 - top_ratio)-quantile level of p(G | ...), the
+    first level whose CDF >= 1 - top_ratio. Three rules (``planner.value_threshold``):
 
-    * ``"cdf"`` (the released code): keep the bins whose CDF >= 1 - top_ratio, i.e. q and every bin
-      above it; the kept set carries *at least* ``top_ratio`` of the mass and the score of a candidate
-      is P(V >= v_q | s, a^{<=i}).
-    * ``"strict"`` (default): keep the bins strictly above q; the kept set carries *at most*
-      ``top_ratio`` of the mass and the score is P(V > v_q | s, a^{<=i}). If q is the top bin (nothing
-      lies above it) the kept set is {q}, as under ``"cdf"``, so it is never empty.
+    * ``"mass"`` (default): the top ``top_ratio`` of the mass exactly. Every level above q has weight
+      1 and q has the fraction w of its own mass that completes ``top_ratio``, so the weights keep
+      exactly ``top_ratio`` of p(G | ...) and a candidate's score is P(G > g_q | c) + w P(G = g_q | c).
+      Where no level holds much mass this is ``strict`` plus a sliver of q; at an atom it still tells
+      candidates apart by how much of their mass lies above the atom *and* how much at it, and when
+      the atom is the best outcome (Taxi's delivery state: G = 20.19 holds 90% of the mass and nothing
+      is above it) the candidates that reach it score highest instead of all scoring 0.
+    * ``"cdf"`` (the released code): keep the levels whose CDF >= 1 - top_ratio, i.e. q and every level
+      above it (weight 1 on q): *at least* ``top_ratio`` of the mass, score P(G >= g_q | s, a^{<=i}).
+      Inert when q is the lowest level (it then holds at least 1 - top_ratio of the mass; FrozenLake:
+      p(G = 0 | s) > 0.8 in most states): every candidate scores 1.
+    * ``"strict"``: the levels strictly above q (weight 0 on q), score P(G > g_q | s, a^{<=i}); if q is
+      the top level it keeps {q}. Levels above q that carry no mass still count as "above", so at the
+      best-outcome atom every candidate scores 0 (or the circuit's pseudocount noise).
 
-    Both say "V lies in the top ``top_ratio`` of its distribution" and they differ by the single bin q.
-    Where the distribution is continuous-ish (no bin holds much mass) q holds little mass, so
-    P(V >= v_q) and P(V > v_q) are close and both are the same threshold, one bin apart; in the
-    continuous limit they coincide. At an atom they do not: when q holds much of the mass, ``"cdf"``'s
-    score is dominated by the atom, and when q is the lowest bin (it holds at least 1 - top_ratio of
-    the mass; FrozenLake: p(V = 0 | s) > 0.8 in most states) ``"cdf"`` keeps every bin, every candidate
-    scores p(V in all bins | s, a) = 1 and the correction is inert. ``"strict"`` scores
-    P(V > v_q | s, a), the probability of doing better than the atom, which tells candidates apart.
-
-    Computed in float64 against the row's own total, so that top_ratio = 1 keeps every bin under both
-    rules (the level 1 - top_ratio = 0 lies below every bin).
+    "mass" is the rule in between, and the one whose kept set is always exactly the top ``top_ratio``
+    of the distribution. Computed in float64 against the row's own total, so that top_ratio = 1
+    keeps every level under every rule.
     """
+
     if rule not in VALUE_THRESHOLDS:
         raise ValueError(f"unknown threshold rule {rule!r}; expected one of {VALUE_THRESHOLDS}")
     cdf = value_probs.double().cumsum(dim=-1)
@@ -167,10 +168,81 @@ def kept_bins(value_probs: torch.Tensor, top_ratio: float, rule: str = "strict")
     at_or_above = cdf >= level
     if rule == "cdf":
         return at_or_above
+    if rule == "mass":
+        below = torch.cat([torch.zeros_like(cdf[..., :1]), cdf[..., :-1]], dim=-1)
+        # Level j keeps the part of its mass that lies above the level 1 - top_ratio of the CDF.
+        probs = cdf - below
+        kept = (cdf - torch.maximum(below, level)).clamp_min(0.0)
+        return torch.where(probs > 0, kept / probs.clamp_min(1e-300), (below >= level).double())
     # Bin j lies strictly above q iff the mass of the bins below j already reaches the level.
     below = torch.cat([torch.zeros_like(cdf[..., :1]), cdf[..., :-1]], dim=-1)
     above = below >= level
     return torch.where(above.any(dim=-1, keepdim=True), above, at_or_above)
+
+
+CORRECTION_TARGETS = ("return", "value")
+
+
+@dataclass(frozen=True)
+class CorrectionTarget:
+    """The quantity Trifle's proposal thresholds (``planner.correction_target``).
+
+    * ``value``: the first transition's value token V_t, the discounted return *after* r_t (what the
+      released code corrects with). It ignores what the action earns now, so an action that ends the
+      episode with its reward (Taxi's +20 delivery, FrozenLake's goal: V_t = 0 afterwards) looks no
+      better than failing.
+    * ``return``: the return-to-go G_t = r_t + gamma V_t, which is what "how good is this action" means.
+      It is a sum of two circuit variables, so its distribution comes from the joint
+      p(r_t = k, V_t | e) = p(r_t = k | e) p(V_t | e, r_t = k): one query for the reward and one per
+      reward bin, exact. Equal sums of different (k, b) pairs are merged into one level, so the
+      levels are the distinct values of G_t in ascending order and ``kept_bins`` applies unchanged.
+      The cost grows with the number of reward bins (Taxi 5, FrozenLake 2; 100 for Gym-MuJoCo, where
+      the per-step reward is small beside V_t and ``value`` is used).
+    """
+
+    value_var: int
+    value_bins: int
+    reward_var: int | None = None
+    reward_bins: int = 0
+    levels: torch.Tensor | None = None  # [reward_bins * value_bins] -> index of the distinct return
+    num_levels: int = 0
+
+    @classmethod
+    def value(cls, value_var: int, value_bins: int) -> CorrectionTarget:
+        return cls(value_var, value_bins, num_levels=value_bins)
+
+    @classmethod
+    def return_to_go(
+        cls, layout: WindowLayout, discretizer: Discretizer, discount: float
+    ) -> CorrectionTarget:
+        r_vals = torch.as_tensor(discretizer.columns[-2].values, dtype=torch.float64)
+        v_vals = torch.as_tensor(discretizer.columns[-1].values, dtype=torch.float64)
+        g = (r_vals[:, None] + float(discount) * v_vals[None, :]).reshape(-1)
+        _, levels = torch.unique(g, sorted=True, return_inverse=True)
+        return cls(
+            layout.value_var(0),
+            len(v_vals),
+            reward_var=layout.reward_var(0),
+            reward_bins=len(r_vals),
+            levels=levels,
+            num_levels=int(levels.max()) + 1,
+        )
+
+    def distribution(self, circuit, x: torch.Tensor, missing: torch.Tensor, soft=None) -> torch.Tensor:
+        """p(target | evidence) ``[B, num_levels]`` over the target's levels in ascending order."""
+        if self.reward_var is None:
+            return value_distribution(circuit, x, missing, self.value_var, self.value_bins, soft)
+        p_r = conditional_unique(circuit, x, missing, [self.reward_var], soft)[:, 0, : self.reward_bins]
+        p_r = p_r / p_r.sum(dim=-1, keepdim=True)
+        joint = []
+        for k in range(self.reward_bins):
+            xk, mk = x.clone(), missing.clone()
+            xk[:, self.reward_var], mk[:, self.reward_var] = k, False
+            p_v = value_distribution(circuit, xk, mk, self.value_var, self.value_bins, soft)
+            joint.append(p_r[:, k : k + 1] * torch.nan_to_num(p_v))
+        joint = torch.cat(joint, dim=1)
+        out = torch.zeros(x.size(0), self.num_levels, dtype=joint.dtype, device=joint.device)
+        return out.index_add_(1, self.levels.to(joint.device), joint)
 
 
 def candidate_scores(
@@ -179,28 +251,32 @@ def candidate_scores(
     missing: torch.Tensor,
     var: int,
     num_candidates: int,
-    value_var: int,
+    target: int | CorrectionTarget,
     keep: torch.Tensor,
     soft: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every candidate c < num_candidates of variable ``var``: p(V in kept | evidence, var = c).
+    """For every candidate c < num_candidates of variable ``var``: p(target in kept | evidence, var = c).
 
-    ``soft`` is shared soft evidence ``[V, C]`` (an action constraint, see :func:`constraint_evidence`);
-    with it the scores are p(V in kept | evidence, var = c, constraint) times
-    :func:`constraint_likelihood`, i.e. proportional (over c) to p(V in kept, constraint | evidence, var = c).
+    ``target`` is a :class:`CorrectionTarget`, or an int: the value variable (the ``value`` target over
+    ``keep.size(-1)`` bins). ``soft`` is shared soft evidence ``[V, C]`` (an action constraint, see
+    :func:`constraint_evidence`); with it the scores are p(target in kept | evidence, var = c, constraint)
+    times :func:`constraint_likelihood`, i.e. proportional (over c) to
+    p(target in kept, constraint | evidence, var = c).
 
-    One batched query of ``B * num_candidates`` rows. Returns ``(scores [B, nc], dists [B, nc, nb])``
-    where ``dists`` are the per-candidate value distributions p(V | evidence, var = c) over the
-    ``nb = keep.size(-1)`` real bins: the planner reuses the chosen candidate's distribution as the
-    next dimension's p(V | s, a^{<i+1}), as the released code does.
+    Batched queries of ``B * num_candidates`` rows. Returns ``(scores [B, nc], dists [B, nc, nb])``
+    where ``dists`` are the per-candidate target distributions p(target | evidence, var = c) over its
+    ``nb = keep.size(-1)`` levels: the planner reuses the chosen candidate's distribution as the
+    next dimension's p(target | s, a^{<i+1}), as the released code does.
     """
     b, nb = x.size(0), keep.size(-1)
+    if not isinstance(target, CorrectionTarget):
+        target = CorrectionTarget.value(int(target), nb)
     cand = torch.arange(num_candidates, device=x.device)
     xb = x.repeat_interleave(num_candidates, dim=0)
     mb = missing.repeat_interleave(num_candidates, dim=0)
     xb[:, var] = cand.repeat(b)
     mb[:, var] = False
-    dists = value_distribution(circuit, xb, mb, value_var, nb, soft).view(b, num_candidates, nb)
+    dists = target.distribution(circuit, xb, mb, soft).view(b, num_candidates, nb)
     scores = (dists * keep[:, None, :].to(dists.dtype)).sum(dim=-1)
     if soft is not None:
         scores = scores * constraint_likelihood(circuit, x, missing, var, num_candidates, soft)

@@ -6,29 +6,31 @@ All three run TT's beam search (trifle.planning.beam) on the same GPT; they diff
 method     first-step action proposal                       value of a candidate plan
 ========== ================================================ ==========================================
 tt         p_GPT(a^i | ...)                                 GPT: Σ γ^τ E[r_τ] + γ^{t+1} E[V_t]
-trifle-s   p_GPT(a^i | ...) · p_PC(V_t > v_q | s, a^{<=i})  GPT, as tt (the released code, notes §1.6)
+trifle-s   p_GPT(a^i | ...) · p_PC(G_t in top | s, a^{<=i}) GPT, as tt (the released code, notes §1.6)
 trifle-m   same correction as trifle-s                      circuit: Σ γ^h S_h E[r_h] + γ^H S_{H-1}
                                                             E[V_{H-1}] over the K-window (§1.5)
 ========== ================================================ ==========================================
 
-Two semantic choices have a config key each, so that each form can be measured against the other:
+Three semantic choices have a config key each, so that each form can be measured against the other:
 
-* ``value_threshold`` (trifle-s, trifle-m, trifle-s-safe): v_q is the (1 - top_ratio)-quantile bin of
-  p_PC(V_t | s, a^{<i}). ``strict`` (default) keeps the bins strictly above it (q alone if it is the top
-  bin): P(V_t > v_q | ...). ``cdf`` is the released code's rule, q included: P(V_t >= v_q | ...). They
-  differ by one bin; where the lowest bin is an atom holding at least 1 - top_ratio of the mass
-  (FrozenLake: p(V = 0 | s) > 0.8 in most states), ``cdf`` keeps every bin and its correction is 1 for
-  every candidate, i.e. inert, while ``strict`` still asks for a better-than-the-atom value.
+* ``correction_target`` (Trifle methods): G_t is the first transition's return-to-go r_t + gamma V_t
+  (``return``, exact from the circuit's joint p(r_t, V_t | ...)) or its value token V_t alone
+  (``value``, the released code's); V_t excludes what the action earns now, so an action that ends the
+  episode with its reward looks like failing (circuit_queries.CorrectionTarget).
+* ``value_threshold`` (Trifle methods): with q the (1 - top_ratio)-quantile level of p_PC(G_t | s,
+  a^{<i}), ``mass`` (default) keeps exactly the top top_ratio of the mass (q weighted by the fraction
+  that completes it), ``strict`` the levels above q, ``cdf`` (the released code's rule) q and above;
+  ``cdf`` is inert at a lowest-level atom, ``strict`` at a best-outcome atom (circuit_queries.kept_bins).
 * ``multistep_value`` (trifle-m): ``survival`` (default) conditions on every planned action (hard
   evidence) and weighs step h by S_h = P(episode still running at h | s, a_0..a_{h-1}); ``soft_pad``
   is the former single query with later actions as soft evidence "planned or pad", which rates an
   action the data rarely takes as "the episode probably ended" and, with negative rewards (Taxi),
   makes odd or illegal plans look like a free 0 (circuit_queries.expected_multistep_value).
 
-The correction variable of both Trifle variants is the first transition's value token V_t (the
-discounted return after r_t) of the circuit's window: a distribution over a *sum* of window variables
-(V^m) is not a single-variable circuit query, so Eq. 4's p(V^m >= v | ...) is not computed; the
-multi-step quantity enters trifle-m through the beam's value instead (docs/planning.md).
+The correction variable of both Trifle variants is a one-step quantity of the circuit's window: the
+distribution of the multi-step V^m (a sum over H rewards and a value) would need the joint of H + 1
+variables, so Eq. 4's p(V^m >= v | ...) is not computed; the multi-step quantity enters trifle-m
+through the beam's value instead (docs/planning.md).
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ from trifle.errors import ConfigError
 from trifle.models.gpt import TrajectoryGPT
 from trifle.planning.beam import BeamSettings, TokenSpec, beam_search
 from trifle.planning.circuit_queries import (
+    CORRECTION_TARGETS,
     MULTISTEP_VALUES,
     VALUE_THRESHOLDS,
+    CorrectionTarget,
     WindowLayout,
     candidate_scores,
     constraint_evidence,
     expected_multistep_value,
     kept_bins,
-    value_distribution,
 )
 from trifle.planning.constraints import Bound, allowed_bins, parse_constraint
 from trifle.planning.context import TokenHistory
@@ -76,7 +79,7 @@ BEAM_KEYS = (
     "constrained",
 )
 #: Keys only the Trifle methods have (``multistep_value``: trifle-m only).
-TRIFLE_KEYS = ("top_ratio", "value_threshold")
+TRIFLE_KEYS = ("top_ratio", "value_threshold", "correction_target")
 TRIFLE_M_KEYS = ("multistep_value",)
 
 
@@ -99,6 +102,7 @@ class PlannerSettings:
     name: str = ""
     value_threshold: str | None = None
     multistep_value: str | None = None
+    correction_target: str | None = None
 
     def beam(self, discount: float) -> BeamSettings:
         return BeamSettings(
@@ -166,7 +170,11 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         raise ConfigError(
             f"planner.name: expected the method's name (a non-empty string), got {cfg['name']!r}"
         )
-    for key, choices in (("value_threshold", VALUE_THRESHOLDS), ("multistep_value", MULTISTEP_VALUES)):
+    for key, choices in (
+        ("value_threshold", VALUE_THRESHOLDS),
+        ("multistep_value", MULTISTEP_VALUES),
+        ("correction_target", CORRECTION_TARGETS),
+    ):
         if key in allowed and cfg[key] not in choices:
             raise ConfigError(f"planner.{key}: expected one of {', '.join(choices)}, got {cfg[key]!r}")
     return PlannerSettings(
@@ -185,18 +193,18 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         name=cfg["name"],
         value_threshold=cfg.get("value_threshold"),
         multistep_value=cfg.get("multistep_value"),
+        correction_target=cfg.get("correction_target"),
     )
 
 
 class CircuitProposal:
     """Eq. 2 with an adaptive value threshold (notes §1.4, §1.7), for the first planning step.
 
-    For action dimension i: p(a^i = c) ∝ p_GPT(a^i = c | ...) · p_PC(V_t in kept | s_t, a^{<i}, a^i = c),
-    where "kept" are the bins of p_PC(V_t | s_t, a^{<i}) above its (1 - top_ratio)-quantile bin q:
-    strictly above q under ``value_threshold="strict"`` (the default; {q} alone if q is the top bin),
-    q included under ``"cdf"`` (the released code: CDF >= 1 - top_ratio), see
-    circuit_queries.kept_bins. After a^i is sampled the threshold distribution becomes the chosen
-    candidate's p_PC(V_t | s_t, a^{<=i}).
+    For action dimension i: p(a^i = c) ∝ p_GPT(a^i = c | ...) · p_PC(G in kept | s_t, a^{<i}, a^i = c),
+    where G is the correction target (circuit_queries.CorrectionTarget: the return-to-go or V_t) and
+    "kept" the top ``top_ratio`` of p_PC(G | s_t, a^{<i}) under the ``value_threshold`` rule
+    (circuit_queries.kept_bins; weights, so the quantile level may count in part). After a^i is
+    sampled the threshold distribution becomes the chosen candidate's p_PC(G | s_t, a^{<=i}).
 
     Under an action constraint C (``soft``: the allowed bins as evidence, circuit_queries.constraint_evidence)
     every query also conditions on C, and each candidate's score is p(V in kept, C | s_t, a^{<i}, a^i = c)
@@ -210,26 +218,28 @@ class CircuitProposal:
         layout: WindowLayout,
         obs: torch.Tensor,
         top_ratio: float,
-        value_bins: int,
+        target: int | CorrectionTarget,
         soft: torch.Tensor | None = None,
         value_threshold: str = VALUE_THRESHOLDS[0],
     ):
+        """``target``: what is thresholded (a CorrectionTarget), or an int, the number of value bins
+        (the ``value`` target, V_t of the window's first transition)."""
         self.circuit, self.layout, self.obs = circuit, layout, obs
-        self.top_ratio, self.value_bins, self.value_threshold = top_ratio, value_bins, value_threshold
-        self.value_var = layout.value_var(0)
+        self.top_ratio, self.value_threshold = top_ratio, value_threshold
+        if not isinstance(target, CorrectionTarget):
+            target = CorrectionTarget.value(layout.value_var(0), int(target))
+        self.target = target
         self.soft = soft
 
     def begin(self, env_of_row: torch.Tensor) -> None:
         self.x, self.missing = self.layout.evidence(self.obs[env_of_row])
-        self.val_probs = value_distribution(
-            self.circuit, self.x, self.missing, self.value_var, self.value_bins, self.soft
-        )
+        self.val_probs = self.target.distribution(self.circuit, self.x, self.missing, self.soft)
 
     def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
         keep = kept_bins(self.val_probs, self.top_ratio, self.value_threshold)
         var = self.layout.act_var(0, dim)
         scores, self.dists = candidate_scores(
-            self.circuit, self.x, self.missing, var, logp.size(1), self.value_var, keep, self.soft
+            self.circuit, self.x, self.missing, var, logp.size(1), self.target, keep, self.soft
         )
         corrected = logp.double() + scores.log()
         # A row where every GPT-supported candidate has zero circuit score keeps the GPT's proposal.
@@ -325,8 +335,12 @@ class BeamPlanner:
             allowed = {d: torch.as_tensor(b) for d, b in self.allowed.items()}
             soft = constraint_evidence(layout, allowed).to(self.device)
         settings = self.settings
+        if settings.correction_target == "return":
+            target = CorrectionTarget.return_to_go(layout, self.discretizer, self.discount)
+        else:
+            target = CorrectionTarget.value(layout.value_var(0), value_bins)
         proposal = CircuitProposal(
-            self.circuit, layout, obs, settings.top_ratio, value_bins, soft, settings.value_threshold
+            self.circuit, layout, obs, settings.top_ratio, target, soft, settings.value_threshold
         )
         if method == "trifle-s":
             return proposal, None
