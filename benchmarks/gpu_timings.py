@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from trifle.config import compose
+from trifle.data.circuit_windows import circuit_num_cats
 from trifle.data.windows import TransitionWindows
 from trifle.io import atomic_path
 from trifle.models.circuits import TorchCircuit, build_hclt, em_step, resolve_backend
@@ -43,7 +44,6 @@ from trifle.models.gpt import TrajectoryGPT
 from trifle.models.gpt_training import _make_optimizer, _train_step, model_config, resolve_config
 from trifle.models.training_common import batch_indices, derived_seed, learning_rate
 from trifle.stages.devices import resolve_device
-from trifle.stages.train_pc import circuit_num_cats
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = {"hopper": (11, 3), "halfcheetah": (17, 6)}  # (obs_dim, act_dim)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from trifle.config import compose
-from trifle.data.circuit_windows import circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
 from trifle.data.labels import label_trajectories
 from trifle.data.mujoco_datasets import generate_mujoco_dataset
 from trifle.data.tokens import TokenData, tokenize
@@ -43,7 +43,6 @@ from trifle.models.circuits import PyjuiceCircuit, TorchCircuit, build_hclt, em_
 from trifle.models.gpt import TrajectoryGPT
 from trifle.models.gpt_training import model_config, resolve_config
 from trifle.planning.planners import BeamPlanner, make_planner
-from trifle.stages.train_pc import circuit_num_cats
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"hopper": "hopper-medium-v2", "halfcheetah": "halfcheetah-medium-v2"}

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from trifle.config import compose
-from trifle.data.circuit_windows import circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
 from trifle.data.labels import label_trajectories
 from trifle.data.tokens import load_tokens, save_tokens, tokenize
 from trifle.data.toy_datasets import generate_taxi_dataset
@@ -31,7 +31,6 @@ from trifle.envs import VectorTabularEnv, make_mdp
 from trifle.models.circuits import train_circuit
 from trifle.models.gpt_training import SMALL_CONFIG, train_gpt
 from trifle.planning.planners import build_planner
-from trifle.stages.train_pc import circuit_num_cats
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "trifle" / "conf"

@@ -13,6 +13,11 @@ import numpy as np
 from trifle.errors import ConfigError
 
 
+def circuit_num_cats(vocab_size: int, window: int) -> int:
+    """Categories per circuit variable: the token vocabulary, plus the "episode over" pad when K > 1."""
+    return vocab_size + (1 if window > 1 else 0)
+
+
 def circuit_windows(
     tokens: np.ndarray,
     episode_starts: np.ndarray,

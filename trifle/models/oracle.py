@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trifle.data.circuit_windows import circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
 from trifle.data.tokens import TokenData
 from trifle.errors import DataError
 from trifle.models.gpt import GPTConfig
@@ -412,8 +412,6 @@ class EmpiricalCircuit:
         zero_evidence: str = "backoff",
     ) -> EmpiricalCircuit:
         """The oracle circuit of a token file, with the windows ``train_pc`` builds (pad = vocab_size)."""
-        from trifle.stages.train_pc import circuit_num_cats
-
         ids = np.arange(len(data.episode_starts)) if episode_ids is None else np.asarray(episode_ids)
         rows = circuit_windows(
             data.tokens,

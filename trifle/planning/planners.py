@@ -487,9 +487,9 @@ def build_planner(
     a plan longer than the GPT's context, a missing circuit or one whose window is too short, and
     checkpoints trained on other data (CheckpointError from load_gpt / load_circuit).
     """
+    from trifle.data.circuit_windows import circuit_num_cats
     from trifle.models.circuits import load_circuit
     from trifle.models.gpt_training import load_gpt
-    from trifle.stages.train_pc import circuit_num_cats
 
     settings = validate_config(planner_cfg)
     dim = tokens.transition_dim

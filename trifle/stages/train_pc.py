@@ -7,18 +7,13 @@ from typing import Any
 
 import torch
 
-from trifle.data.circuit_windows import circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
 from trifle.data.tokens import load_tokens
 from trifle.data.windows import split_episodes
 from trifle.models.circuits.backend import load_circuit
 from trifle.models.circuits.diagnostics import circuit_diagnostics
 from trifle.models.circuits.training import train_circuit
 from trifle.stages.tables import write_model_metrics
-
-
-def circuit_num_cats(vocab_size: int, window: int) -> int:
-    """Categories per circuit variable: the token vocabulary, plus the "episode over" pad when K > 1."""
-    return vocab_size + (1 if window > 1 else 0)
 
 
 def run(cfg: dict[str, Any]) -> Path:
