@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from trifle.config import compose
-from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, token_windows
 from trifle.data.labels import label_trajectories
 from trifle.data.mujoco_datasets import generate_mujoco_dataset
 from trifle.data.tokens import TokenData, tokenize
@@ -111,14 +111,7 @@ def make_circuit(cfg: dict[str, Any], data: TokenData, em_steps: int, device: st
     pyjuice, which is what the evaluate stage loads there.
     """
     window, pc = cfg["task"]["pc_window"], cfg["pc"]
-    rows = circuit_windows(
-        data.tokens,
-        data.episode_starts,
-        data.episode_terminal,
-        window=window,
-        episode_ids=np.arange(len(data.episode_starts)),
-        pad_token=data.vocab_size,
-    )
+    rows = token_windows(data, window=window, episode_ids=np.arange(len(data.episode_starts)))
     train = torch.from_numpy(rows)
     num_cats = circuit_num_cats(data.vocab_size, window)
     root_ns = build_hclt(train, num_cats=num_cats, num_latents=pc["num_latents"], seed=0)

@@ -30,44 +30,19 @@ import numpy as np
 import torch
 
 from trifle.config import compose
-from trifle.data.labels import label_trajectories
-from trifle.data.tokens import TokenData, load_tokens, tokenize
+from trifle.data.tokens import load_tokens
+from trifle.data.toy_datasets import toy_task_tokens
 from trifle.envs import evaluate_policy as exact_policy_evaluation
 from trifle.envs import make_mdp
 from trifle.envs.tabular import greedy_policy, value_iteration
 from trifle.evaluation.rollout import evaluate_policy
 from trifle.models.oracle import EmpiricalCircuit, TabularGPT
 from trifle.planning.planners import build_planner, make_planner
-from trifle.stages.data import GENERATORS
 from trifle.stages.evaluate import env_factory
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("taxi-stochastic", "frozenlake-eps0.5")
 METHODS = ("tt", "trifle-s", "trifle-m")
-
-
-def generate_tokens(task: dict[str, Any]) -> tuple[TokenData, float]:
-    """The task's dataset -> labels -> tokens, as the data / labels / tokens stages make them.
-
-    Returns the tokens and the dataset's mean return."""
-    params = dict(task["dataset"])
-    generator = params.pop("generator")
-    if generator not in ("taxi", "frozenlake"):
-        raise SystemExit(
-            f"task {task['name']!r}: only the toy tasks are supported, not generator {generator!r}"
-        )
-    arrays, attrs = GENERATORS[generator](**params, progress=False)
-    labels = task["labels"]
-    labeled = label_trajectories(
-        arrays, discount=labels["discount"], termination_penalty=labels["termination_penalty"], attrs=attrs
-    )
-    data = tokenize(
-        labeled,
-        task["discretizer"],
-        obs_cardinalities=attrs.get("obs_cardinalities"),
-        num_actions=attrs.get("num_actions"),
-    )
-    return data, float(attrs["mean_return"])
 
 
 def optimal_return(task: dict[str, Any]) -> float:
@@ -119,7 +94,7 @@ def run_task(task_name: str, args, learned: dict[str, list[str]]) -> dict[str, A
     dataset_seed = [] if args.dataset_seed is None else [f"task.dataset.seed={args.dataset_seed}"]
     task = compose([f"task={task_name}", *dataset_seed, *task_overrides])["task"]
     started = time.perf_counter()
-    data, data_mean = generate_tokens(task)
+    data, data_mean = toy_task_tokens(task)
     gpt = TabularGPT.from_tokens(data, smoothing=args.smoothing)
     circuit = EmpiricalCircuit.from_tokens(data, window=task["pc_window"])
     build_seconds = time.perf_counter() - started

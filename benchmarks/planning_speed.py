@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from trifle.config import compose
-from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, token_windows
 from trifle.data.labels import label_trajectories
 from trifle.data.tokens import load_tokens, save_tokens, tokenize
 from trifle.data.toy_datasets import generate_taxi_dataset
@@ -82,14 +82,7 @@ def build_models(cache: Path, gpt_steps: int, pc_epochs: int) -> tuple[Path, Pat
         train_ids, valid_ids = split_episodes(data.episode_starts, len(data.tokens), pc["valid_fraction"], 0)
 
         def windows(ids):
-            rows = circuit_windows(
-                data.tokens,
-                data.episode_starts,
-                data.episode_terminal,
-                window=window,
-                episode_ids=ids,
-                pad_token=data.vocab_size,
-            )
+            rows = token_windows(data, window=window, episode_ids=ids)
             return torch.from_numpy(rows)
 
         train_circuit(

@@ -120,22 +120,11 @@ def test_build_hclt_rejects_an_unknown_structure():
 
 def _taxi_tokens(num_episodes: int):
     """Tokens of the project's own stochastic-Taxi data (Q-learning's first delivering episodes)."""
-    from trifle.data.labels import label_trajectories
-    from trifle.data.tokens import tokenize
-    from trifle.data.toy_datasets import generate_taxi_dataset
+    from trifle.config import compose
+    from trifle.data.toy_datasets import toy_task_tokens
 
-    arrays, attrs = generate_taxi_dataset(num_episodes=num_episodes, seed=0, progress=False)
-    labeled = label_trajectories(arrays, discount=0.99, termination_penalty=None, attrs=attrs)
-    cfg = {
-        "observations": "categorical",
-        "actions": "categorical",
-        "rewards": "categorical",
-        "values": "quantile",
-        "n_bins": 100,
-    }
-    return tokenize(
-        labeled, cfg, obs_cardinalities=attrs.get("obs_cardinalities"), num_actions=attrs.get("num_actions")
-    )
+    task = compose(["task=taxi-stochastic", f"task.dataset.num_episodes={num_episodes}"])["task"]
+    return toy_task_tokens(task)[0]
 
 
 def test_taxi_windows_keep_every_action_next_to_its_reward():

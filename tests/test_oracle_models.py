@@ -25,7 +25,7 @@ from trifle.data.circuit_windows import circuit_windows
 from trifle.data.discretize import ColumnBins, Discretizer
 from trifle.data.labels import label_trajectories
 from trifle.data.tokens import TokenData, tokenize
-from trifle.data.toy_datasets import generate_taxi_dataset
+from trifle.data.toy_datasets import toy_task_tokens
 from trifle.envs import make_mdp
 from trifle.evaluation.rollout import evaluate_policy
 from trifle.models.gpt import KVCache
@@ -520,23 +520,11 @@ DROPOFF = 5
 @pytest.fixture(scope="module")
 def taxi():
     """The project's Taxi dataset (task config: 1000 episodes, seed 0) -> labels -> tokens, and oracles."""
-    cfg = compose([f"task={TAXI}"])
-    task = cfg["task"]
-    params = {k: v for k, v in task["dataset"].items() if k != "generator"}
-    arrays, attrs = generate_taxi_dataset(**params, progress=False)
-    labels = task["labels"]
-    labeled = label_trajectories(
-        arrays, discount=labels["discount"], termination_penalty=labels["termination_penalty"], attrs=attrs
-    )
-    data = tokenize(
-        labeled,
-        task["discretizer"],
-        obs_cardinalities=attrs["obs_cardinalities"],
-        num_actions=attrs["num_actions"],
-    )
+    task = compose([f"task={TAXI}"])["task"]
+    data, data_mean = toy_task_tokens(task)
     gpt = TabularGPT.from_tokens(data)
     circuit = EmpiricalCircuit.from_tokens(data, window=task["pc_window"])
-    return task, data, float(attrs["mean_return"]), gpt, circuit
+    return task, data, data_mean, gpt, circuit
 
 
 @pytest.mark.parametrize("method", ["tt", "trifle-s", "trifle-m"])

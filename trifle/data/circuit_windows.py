@@ -8,9 +8,14 @@ token); windows that run past a timeout are dropped, since what follows a timeou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from trifle.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trifle.data.tokens import TokenData
 
 
 def circuit_num_cats(vocab_size: int, window: int) -> int:
@@ -46,3 +51,16 @@ def circuit_windows(
     if not pieces:
         raise ConfigError(f"task.pc_window={window}: no episode is long enough to give a single window")
     return np.concatenate(pieces).astype(np.int64)
+
+
+def token_windows(data: TokenData, *, window: int, episode_ids: np.ndarray) -> np.ndarray:
+    """:func:`circuit_windows` of a token file's episodes, the pad being the vocabulary size (the one
+    layout every circuit of the project is trained and queried with)."""
+    return circuit_windows(
+        data.tokens,
+        data.episode_starts,
+        data.episode_terminal,
+        window=window,
+        episode_ids=episode_ids,
+        pad_token=data.vocab_size,
+    )

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from trifle.data.labels import label_trajectories
+from trifle.data.tokens import TokenData, tokenize
 from trifle.envs.frozenlake import make_frozenlake
 from trifle.envs.tabular import TabularMDP, VectorTabularEnv, evaluate_policy, greedy_policy, value_iteration
 from trifle.envs.taxi import make_taxi
@@ -198,3 +200,31 @@ def rollout_policy(
         per_t[-1]["stepped"] = info["stepped"]
     mask = np.stack([step["stepped"] for step in per_t], axis=1)  # [E, T]; row-major = episode-major
     return {key: np.stack([step[key] for step in per_t], axis=1)[mask] for key in STEP_KEYS}
+
+
+#: The toy tasks' generators by ``task.dataset.generator`` name.
+TOY_GENERATORS = {"taxi": generate_taxi_dataset, "frozenlake": generate_frozenlake_dataset}
+
+
+def toy_task_tokens(task: dict[str, Any]) -> tuple[TokenData, float]:
+    """A toy task's tokens made in memory as the data, labels and tokens stages make them on disk (same
+    generator, labels and discretizer settings from the composed ``task`` config), and the dataset's
+    mean return. For analyses that need the data without the workflow (the oracle models' benchmark)."""
+    params = dict(task["dataset"])
+    generator = params.pop("generator")
+    if generator not in TOY_GENERATORS:
+        raise ConfigError(
+            f"task.dataset.generator={generator!r}: expected a toy task's ({', '.join(TOY_GENERATORS)})"
+        )
+    arrays, attrs = TOY_GENERATORS[generator](**params, progress=False)
+    labels = task["labels"]
+    labeled = label_trajectories(
+        arrays, discount=labels["discount"], termination_penalty=labels["termination_penalty"], attrs=attrs
+    )
+    data = tokenize(
+        labeled,
+        task["discretizer"],
+        obs_cardinalities=attrs.get("obs_cardinalities"),
+        num_actions=attrs.get("num_actions"),
+    )
+    return data, float(attrs["mean_return"])

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, token_windows
 from trifle.data.tokens import TokenData
 from trifle.errors import DataError
 from trifle.models.gpt import GPTConfig
@@ -413,14 +413,7 @@ class EmpiricalCircuit:
     ) -> EmpiricalCircuit:
         """The oracle circuit of a token file, with the windows ``train_pc`` builds (pad = vocab_size)."""
         ids = np.arange(len(data.episode_starts)) if episode_ids is None else np.asarray(episode_ids)
-        rows = circuit_windows(
-            data.tokens,
-            data.episode_starts,
-            data.episode_terminal,
-            window=window,
-            episode_ids=ids,
-            pad_token=data.vocab_size,
-        )
+        rows = token_windows(data, window=window, episode_ids=ids)
         return cls(
             rows,
             num_cats=circuit_num_cats(data.vocab_size, window),

@@ -45,7 +45,7 @@ from typing import Protocol
 import torch
 
 from trifle.models.gpt import KVCache, TrajectoryGPT
-from trifle.planning.sampling import expectation, filter_logits, restrict, sample
+from trifle.planning.sampling import expectation, filter_logits, filter_support, restrict, sample
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def _sample_actions(
         logits = restrict(stream.logp[:, :num], allowed)
         if cfg.act_support is not None:
             # The behaviour's support is the GPT's (the data's) distribution, before any correction.
-            logits = filter_logits(logits, support=cfg.act_support)
+            logits = filter_support(logits, cfg.act_support)
             allowed = allowed & torch.isfinite(logits)
         if proposal is not None:
             # Masked again: the hook only reshapes the distribution, it cannot re-allow a bin.

@@ -84,16 +84,12 @@ def filter_support(logits: torch.Tensor, ratio: float) -> torch.Tensor:
     return logits.masked_fill(logp < logp.amax(dim=-1, keepdim=True) + math.log(ratio), NEG_INF)
 
 
-def filter_logits(
-    logits: torch.Tensor, *, k: int | None = None, cdf: float | None = None, support: float | None = None
-) -> torch.Tensor:
-    """TT's order: the cdf filter first, then top-k; then the support filter. ``None`` disables each."""
+def filter_logits(logits: torch.Tensor, *, k: int | None = None, cdf: float | None = None) -> torch.Tensor:
+    """TT's order: the cdf filter first, then top-k; ``None`` disables either."""
     if cdf is not None:
         logits = filter_cdf(logits, cdf)
     if k is not None:
         logits = top_k(logits, k)
-    if support is not None:
-        logits = filter_support(logits, support)
     return logits
 
 

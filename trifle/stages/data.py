@@ -14,14 +14,10 @@ from typing import Any
 from trifle.data.d4rl_download import fetch_d4rl, fetch_file
 from trifle.data.d4rl_format import load_dataset, save_dataset
 from trifle.data.mujoco_datasets import generate_mujoco_dataset
-from trifle.data.toy_datasets import generate_frozenlake_dataset, generate_taxi_dataset
+from trifle.data.toy_datasets import TOY_GENERATORS
 from trifle.errors import ConfigError
 
-GENERATORS = {
-    "taxi": generate_taxi_dataset,
-    "frozenlake": generate_frozenlake_dataset,
-    "mujoco": generate_mujoco_dataset,
-}
+GENERATORS = {**TOY_GENERATORS, "mujoco": generate_mujoco_dataset}
 SOURCES = ("d4rl", "file", *GENERATORS)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from trifle.data.circuit_windows import circuit_num_cats, circuit_windows
+from trifle.data.circuit_windows import circuit_num_cats, token_windows
 from trifle.data.tokens import load_tokens
 from trifle.data.windows import split_episodes
 from trifle.models.circuits.backend import load_circuit
@@ -25,16 +25,7 @@ def run(cfg: dict[str, Any]) -> Path:
     )
 
     def windows(ids):
-        return torch.from_numpy(
-            circuit_windows(
-                data.tokens,
-                data.episode_starts,
-                data.episode_terminal,
-                window=window,
-                episode_ids=ids,
-                pad_token=data.vocab_size,
-            )
-        )
+        return torch.from_numpy(token_windows(data, window=window, episode_ids=ids))
 
     out = Path(cfg["paths"]["pc"])
     metrics = train_circuit(
