@@ -12,6 +12,7 @@ from trifle.errors import CheckpointError, ConfigError, DataError
 from trifle.models.circuits import (
     TorchCircuit,
     build_hclt,
+    circuit_block_size,
     em_step,
     load_circuit,
     resolve_backend,
@@ -275,9 +276,22 @@ def test_input_validation_in_queries(tiny):
         tiny.conditional(torch.zeros(1, V, dtype=torch.long), None, [V])
 
 
+def test_block_size_is_what_pyjuice_sees_and_rules_out_blocks_of_two():
+    """pyjuice blocks num_latents by its largest power-of-two divisor; blocks of 2 break its backward."""
+    sizes = {
+        n: circuit_block_size(build_hclt(_data(200, 0), num_cats=C, num_latents=n, seed=0))
+        for n in (1, 2, 4, 6, 12)
+    }
+    assert sizes == {1: 1, 2: 2, 4: 4, 6: 2, 12: 4}
+    assert resolve_backend("torch", 2) == "torch"
+    if not torch.cuda.is_available():
+        assert resolve_backend("auto", 2) == "torch"
+
+
 @pytest.mark.gpu
 def test_pyjuice_backend_matches_torch_backend_on_cuda(tmp_path):
-    _train(tmp_path, "g.jpc", backend="torch", epochs=2)
+    # num_latents=4: pyjuice 2.6.3's backward cannot run blocks of 2 (see the test below)
+    _train(tmp_path, "g.jpc", backend="torch", epochs=2, num_latents=4)
     ref = load_circuit(tmp_path / "g.jpc", backend="torch", device="cuda")
     pj = load_circuit(tmp_path / "g.jpc", backend="pyjuice")
     x = _data(300, 11).cuda()
@@ -288,6 +302,17 @@ def test_pyjuice_backend_matches_torch_backend_on_cuda(tmp_path):
     assert torch.allclose(pj.log_prob(x, miss, soft).float(), ref.log_prob(x, miss, soft), atol=1e-4)
     assert torch.allclose(pj.conditional(x, miss, [0, 3]), ref.conditional(x, miss, [0, 3]), atol=1e-4)
     assert torch.allclose(pj.conditional(x, miss, [1], soft), ref.conditional(x, miss, [1], soft), atol=1e-4)
-    m_pj = _train(tmp_path, "p.jpc", backend="pyjuice", epochs=2)
-    m_t = _train(tmp_path, "t.jpc", backend="torch", epochs=2)
+    m_pj = _train(tmp_path, "p.jpc", backend="pyjuice", epochs=2, num_latents=4)
+    m_t = _train(tmp_path, "t.jpc", backend="torch", epochs=2, num_latents=4)
     assert abs(m_pj["train_ll_per_var"] - m_t["train_ll_per_var"]) < 1e-4
+
+
+@pytest.mark.gpu
+def test_blocks_of_two_run_on_torch_under_auto_and_are_refused_by_pyjuice_on_cuda(tmp_path):
+    metrics = _train(tmp_path, "a.jpc", backend="auto", epochs=1)  # L = 2
+    assert metrics["backend"] == "torch"
+    assert isinstance(load_circuit(tmp_path / "a.jpc", device="cuda"), TorchCircuit)
+    with pytest.raises(ConfigError, match="node blocks hold 2"):
+        load_circuit(tmp_path / "a.jpc", backend="pyjuice")
+    with pytest.raises(ConfigError, match="node blocks hold 2"):
+        _train(tmp_path, "b.jpc", backend="pyjuice", epochs=1)

@@ -17,12 +17,23 @@ from trifle.io import atomic_path
 from .torch_circuit import TorchCircuit
 
 BACKENDS = ("auto", "torch", "pyjuice")
+# pyjuice 2.6.3 dispatches the backward pass of a sum layer whose node blocks hold 2 nodes (an HCLT whose
+# num_latents is 2 times an odd number: pyjuice blocks by the largest power of two dividing it) to its
+# block-sparse kernel, which then fails its own assertion
+# ("TILE_SIZE_K should be greater than 4"); conditionals and EM both run that pass. Seen on an H200.
+PYJUICE_MIN_BLOCK = 4
 
 
-def resolve_backend(name: str) -> str:
-    """Map a backend name to the one that will run: "auto" picks pyjuice on CUDA, torch otherwise."""
+def resolve_backend(name: str, block_size: int | None = None) -> str:
+    """Map a backend name to the one that will run: "auto" picks pyjuice on CUDA, torch otherwise.
+
+    ``block_size`` (the circuit's node-block size, when known: :func:`circuit_block_size`) rules
+    pyjuice out for blocks its backward kernels cannot run (:data:`PYJUICE_MIN_BLOCK`): "auto" then
+    picks torch, and an explicit "pyjuice" is an error.
+    """
+    pyjuice_fits = block_size is None or block_size == 1 or block_size >= PYJUICE_MIN_BLOCK
     if name == "auto":
-        return "pyjuice" if torch.cuda.is_available() else "torch"
+        return "pyjuice" if torch.cuda.is_available() and pyjuice_fits else "torch"
     if name == "torch":
         return "torch"
     if name == "pyjuice":
@@ -30,6 +41,13 @@ def resolve_backend(name: str) -> str:
             raise ConfigError(
                 "backend='pyjuice' needs a CUDA GPU: pyjuice's kernels are Triton GPU kernels and this "
                 "machine has no CUDA device; use backend='torch' or 'auto'"
+            )
+        if not pyjuice_fits:
+            raise ConfigError(
+                f"backend='pyjuice' cannot run this circuit: its node blocks hold {block_size} nodes and "
+                f"pyjuice 2.6's backward kernels need 1 or at least {PYJUICE_MIN_BLOCK} (pyjuice blocks "
+                "pc.num_latents by its largest power-of-two divisor); use backend='torch' or 'auto', or "
+                "a num_latents divisible by 4"
             )
         return "pyjuice"
     raise ConfigError(f"backend: unknown name {name!r}; valid names are {', '.join(BACKENDS)}")
@@ -67,7 +85,7 @@ def load_circuit(
     """Load a .jpc file into an object with ``log_prob``/``conditional`` (TorchCircuit or PyjuiceCircuit)."""
     import pyjuice as juice
 
-    backend = resolve_backend(backend)
+    resolve_backend(backend)  # a bad name or a missing GPU fails before the file is read
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: circuit file not found")
@@ -79,6 +97,7 @@ def load_circuit(
         raise CheckpointError(
             f"{path}: cannot read the circuit file, it is corrupt or not a .jpc ({exc})"
         ) from exc
+    backend = resolve_backend(backend, circuit_block_size(root_ns))
     try:
         if backend == "torch":
             circuit = TorchCircuit.from_nodes(root_ns, device=device or "cpu")
@@ -94,6 +113,11 @@ def load_circuit(
 def _check_expected(path: Path, what: str, expected: int | None, found: int) -> None:
     if expected is not None and expected != found:
         raise CheckpointError(f"{path}: expected a circuit with {what}={expected}, found {what}={found}")
+
+
+def circuit_block_size(root_ns) -> int:
+    """The largest node-block size among the circuit's sum node sets (what pyjuice's kernels see)."""
+    return max((ns.block_size for ns in root_ns if ns.is_sum()), default=1)
 
 
 def _shape_info(root_ns) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from trifle.errors import CheckpointError, ConfigError
 from trifle.io import atomic_path
 from trifle.models.training_common import partial_path
 
-from .backend import resolve_backend, save_circuit
+from .backend import circuit_block_size, resolve_backend, save_circuit
 from .hclt import build_hclt, validate_tokens
 from .torch_circuit import TorchCircuit
 
@@ -180,7 +180,7 @@ def train_circuit(
     Resumable: a ``<out_path>.partial.pt`` checkpoint is written after every epoch and picked up by
     the next call with the same settings and data; it is removed once the .jpc is written.
     """
-    backend = resolve_backend(backend)
+    resolve_backend(backend)  # a bad name or a missing GPU fails before any work
     _validate_settings(train, valid, num_cats, epochs, batch_size, pseudocount)
     out_path = Path(out_path)
     if out_path.suffix != ".jpc":
@@ -194,8 +194,9 @@ def train_circuit(
         "backend": backend,
         "structure": structure,
     }
-    fingerprint = _fingerprint(train, valid, settings)
     root_ns = build_hclt(train, num_cats=num_cats, num_latents=num_latents, seed=seed, structure=structure)
+    settings["backend"] = backend = resolve_backend(backend, circuit_block_size(root_ns))
+    fingerprint = _fingerprint(train, valid, settings)
     run = _train_pyjuice if backend == "pyjuice" else _train_torch
     return run(root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress)
 
