@@ -37,13 +37,13 @@ import torch
 from trifle.config import compose
 from trifle.data.circuit_windows import circuit_num_cats
 from trifle.data.windows import TransitionWindows
+from trifle.devices import resolve_device
 from trifle.io import atomic_path
 from trifle.models.circuits import TorchCircuit, build_hclt, em_step, resolve_backend
-from trifle.models.circuits.training import _pyjuice_epoch
+from trifle.models.circuits.training import pyjuice_epoch
 from trifle.models.gpt import TrajectoryGPT
-from trifle.models.gpt_training import _make_optimizer, _train_step, model_config, resolve_config
+from trifle.models.gpt_training import make_optimizer, model_config, resolve_config, train_step
 from trifle.models.training_common import batch_indices, derived_seed, learning_rate
-from trifle.stages.devices import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = {"hopper": (11, 3), "halfcheetah": (17, 6)}  # (obs_dim, act_dim)
@@ -171,7 +171,7 @@ class GptTiming:
 
 
 def time_gpt(env: str, scale: Scale, steps: int, device: torch.device) -> GptTiming:
-    """Time the training loop's own step (``batch_indices`` + ``TransitionWindows.get`` + ``_train_step``)."""
+    """Time the training loop's own step (``batch_indices`` + ``TransitionWindows.get`` + ``train_step``)."""
     cfg = resolve_config(compose([f"task={TASKS[env]}", f"gpt={scale.gpt}"])["gpt"])
     obs_dim, act_dim = ENVS[env]
     tokens, starts, terminal = synthetic_tokens(obs_dim, act_dim, scale.transitions)
@@ -179,7 +179,7 @@ def time_gpt(env: str, scale: Scale, steps: int, device: torch.device) -> GptTim
     windows = TransitionWindows(tokens, starts, terminal, cfg["seq_transitions"], mcfg.stop_token)
     torch.manual_seed(SEED)
     model = TrajectoryGPT(mcfg).to(device).train()
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     total = cfg["steps"] or math.ceil(TT_EPOCHS * len(windows) / cfg["batch_size"])
     seconds = data_seconds = 0.0
     reset_peak(device)
@@ -191,7 +191,7 @@ def time_gpt(env: str, scale: Scale, steps: int, device: torch.device) -> GptTim
         batch = windows.get(batch_indices(SEED, step, cfg["batch_size"], len(windows)))
         data_seconds += time.perf_counter() - t0
         lr = learning_rate(cfg, step, total)
-        _train_step(model, optimizer, batch, lr, cfg["grad_clip"], derived_seed(SEED, 2, step))
+        train_step(model, optimizer, batch, lr, cfg["grad_clip"], derived_seed(SEED, 2, step))
     sync(device)
     seconds = time.perf_counter() - start
     return GptTiming(
@@ -262,7 +262,7 @@ class EmTiming:
 def em_runner(root_ns: Any, backend: str, device: torch.device, pseudocount: float) -> Callable[[list], Any]:
     """The project's per-epoch EM call for ``backend``, applied to a list of mini-batches.
 
-    pyjuice: ``_pyjuice_epoch`` (forward + flow backward per mini-batch, one ``mini_batch_em``), the loop
+    pyjuice: ``pyjuice_epoch`` (forward + flow backward per mini-batch, one ``mini_batch_em``), the loop
     body of ``_train_pyjuice``; torch: ``em_step`` (flows by autograd, one update), that of ``_train_torch``,
     which keeps the circuit on the CPU (``device`` is then the CPU).
     """
@@ -271,7 +271,7 @@ def em_runner(root_ns: Any, backend: str, device: torch.device, pseudocount: flo
 
         pc = juice.compile(root_ns)
         pc.to(device)
-        return lambda batches: _pyjuice_epoch(pc, batches, pseudocount, device)
+        return lambda batches: pyjuice_epoch(pc, batches, pseudocount, device)
     circuit = TorchCircuit.from_nodes(root_ns, device=device)
     return lambda batches: em_step(circuit, batches, pseudocount=pseudocount)
 

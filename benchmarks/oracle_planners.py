@@ -35,10 +35,9 @@ from trifle.data.toy_datasets import toy_task_tokens
 from trifle.envs import evaluate_policy as exact_policy_evaluation
 from trifle.envs import make_mdp
 from trifle.envs.tabular import greedy_policy, value_iteration
-from trifle.evaluation.rollout import evaluate_policy
+from trifle.evaluation.rollout import env_factory, evaluate_policy
 from trifle.models.oracle import EmpiricalCircuit, TabularGPT
 from trifle.planning.planners import build_planner, make_planner
-from trifle.stages.evaluate import env_factory
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("taxi-stochastic", "frozenlake-eps0.5")

@@ -33,6 +33,9 @@ TARGETS = [0, 2, 5]
 TOL = 1e-4
 RUNNER = Path(__file__).parent / "circuit_support" / "run_pyjuice_reference.py"
 
+# pyjuice's Triton kernels run interpreted on the CPU here: correct but slow (tens of seconds).
+pytestmark = pytest.mark.slow
+
 
 def _data(seed: int = 0) -> torch.Tensor:
     """Tokens with chain dependencies, so the Chow-Liu tree and the latents have something to model."""

@@ -68,7 +68,7 @@ def test_planner_choice_changes_only_evaluation():
     assert {s for s in STAGE_KEYS if stage_slice(a, s) != stage_slice(b, s)} == {"evaluate"}
 
 
-def test_fingerprint_follows_imports_and_ignores_docstrings(tmp_path, monkeypatch):
+def test_fingerprint_follows_imports_and_ignores_docstrings(tmp_path):
     import trifle.fingerprint as fp
 
     pkg = tmp_path / "trifle"
@@ -77,11 +77,10 @@ def test_fingerprint_follows_imports_and_ignores_docstrings(tmp_path, monkeypatc
     (pkg / "stages" / "__init__.py").write_text("")
     (pkg / "helper.py").write_text("X = 1\n")
     (pkg / "stages" / "s.py").write_text('"""Doc."""\nfrom trifle.helper import X\n')
-    monkeypatch.setattr(fp, "PACKAGE_ROOT", pkg)
 
     def fingerprint():
         fp.code_fingerprint.cache_clear()
-        return fp.code_fingerprint("trifle.stages.s")
+        return fp.code_fingerprint("trifle.stages.s", root=pkg)
 
     first = fingerprint()
     (pkg / "stages" / "s.py").write_text('"""Other doc."""\n# comment\nfrom trifle.helper import X\n')

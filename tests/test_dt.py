@@ -11,7 +11,7 @@ from trifle.data.labels import LabeledTrajectories
 from trifle.data.windows import split_episodes
 from trifle.envs import VectorTabularEnv, make_mdp
 from trifle.errors import CheckpointError, ConfigError, DataError
-from trifle.models import dt_training
+from trifle.models import dt_training, training_loop
 from trifle.models.dt import DecisionTransformer, DTConfig
 from trifle.models.dt_training import (
     DTWindows,
@@ -243,17 +243,17 @@ def test_resume_after_stop_is_bit_identical(tmp_path):
 
 def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
     out_full, _ = run(tmp_path, "full.pt")
-    real = dt_training.learning_rate
+    real = training_loop.learning_rate
 
     def crash_at_step_3(cfg, step, total):
         if step == 3:
             raise KeyboardInterrupt
         return real(cfg, step, total)
 
-    monkeypatch.setattr(dt_training, "learning_rate", crash_at_step_3)
+    monkeypatch.setattr(training_loop, "learning_rate", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "crashed.pt")
-    monkeypatch.setattr(dt_training, "learning_rate", real)
+    monkeypatch.setattr(training_loop, "learning_rate", real)
     assert torch.load(tmp_path / "crashed.pt.partial.pt", weights_only=True)["step"] == 2
     out, _ = run(tmp_path, "crashed.pt", {**TINY_CFG, "checkpoint_every": 5})
     assert_same_weights(out_full, out)

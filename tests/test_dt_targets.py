@@ -13,7 +13,7 @@ from trifle.envs import make_mdp
 from trifle.errors import ConfigError
 from trifle.evaluation.summary import summarize
 from trifle.models.dt_training import train_dt
-from trifle.planning.dt_policy import parse_target_returns
+from trifle.planning.dt_policy import dt_target_returns, parse_target_returns
 from trifle.stages import evaluate
 
 PAPER_TAXI_TARGETS = [-100.0, -150.0, -200.0, -250.0, -300.0, -350.0]
@@ -22,7 +22,7 @@ PAPER_TAXI_TARGETS = [-100.0, -150.0, -200.0, -250.0, -300.0, -350.0]
 def test_tasks_carry_target_lists():
     taxi = compose(["task=taxi-stochastic", "planner=dt"])
     assert taxi["task"]["dt_target_returns"] == PAPER_TAXI_TARGETS
-    assert evaluate.dt_target_returns(taxi) == PAPER_TAXI_TARGETS
+    assert dt_target_returns(taxi) == PAPER_TAXI_TARGETS
     assert stage_slice(taxi, "evaluate")["task.dt_target_returns"] == PAPER_TAXI_TARGETS
     assert compose(["task=frozenlake-eps0.5"])["task"]["dt_target_returns"] == [1.0]
     assert compose(["task=hopper-medium-v2"])["task"]["dt_target_returns"] == [3600]
@@ -34,7 +34,7 @@ def test_tasks_carry_target_lists():
 )
 def test_planner_target_overrides_the_task_list(override, expected):
     cfg = compose(["task=taxi-stochastic", "planner=dt", override])
-    assert evaluate.dt_target_returns(cfg) == expected
+    assert dt_target_returns(cfg) == expected
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def _record(method, seed, returns, successes, penalties=None):
     }
 
 
-def test_summary_pools_seeds_with_episode_level_standard_error():
+def test_summary_averages_seeds_with_a_seed_level_standard_error():
     rows = summarize(
         [
             _record("tt", 0, [1.0, 3.0], [True, False], [1, 0]),
@@ -87,12 +87,15 @@ def test_summary_pools_seeds_with_episode_level_standard_error():
         ]
     )
     assert [r["method"] for r in rows] == ["dt", "tt"]
-    tt = rows[1]
-    assert tt["n_seeds"] == 2 and tt["n_episodes"] == 3
-    assert tt["return_mean"] == pytest.approx(3.0)
-    assert tt["return_sem"] == pytest.approx(2.0 / math.sqrt(3))
-    assert tt["failure_rate"] == pytest.approx(1 / 3) and tt["penalty_mean"] == pytest.approx(1 / 3)
+    dt, tt = rows
+    assert tt["n_seeds"] == 2 and tt["n_episodes"] == 3 and tt["sem_over"] == "seeds"
+    # Seed means 2 and 5, each seed weighing the same (pooling the 3 episodes would give 3).
+    assert tt["return_mean"] == pytest.approx(3.5)
+    assert tt["return_sem"] == pytest.approx(math.sqrt(4.5) / math.sqrt(2))
+    # Per-seed failure rates 1/2 and 0, penalties 1/2 and 0.
+    assert tt["failure_rate"] == pytest.approx(0.25) and tt["penalty_mean"] == pytest.approx(0.25)
     assert tt["step_seconds"] == pytest.approx(0.5)
+    assert dt["sem_over"] == "episodes" and math.isnan(dt["return_sem"])
 
 
 def test_evaluation_file_missing_key_is_named(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trifle.errors import CheckpointError, ConfigError
-from trifle.models import gpt_training
+from trifle.models import training_loop
 from trifle.models.gpt import GPTConfig, KVCache, TrajectoryGPT
 from trifle.models.gpt_training import load_gpt, resolve_config, train_gpt
 from trifle.models.training_common import batch_indices, learning_rate
@@ -242,17 +242,17 @@ def test_resume_after_stop_is_bit_identical(tmp_path):
 
 def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
     out_full, _ = run(tmp_path, "full.pt", {**TINY_CFG, "steps": 5})
-    real = gpt_training.learning_rate
+    real = training_loop.learning_rate
 
     def crash_at_step_3(cfg, step, total):
         if step == 3:
             raise KeyboardInterrupt
         return real(cfg, step, total)
 
-    monkeypatch.setattr(gpt_training, "learning_rate", crash_at_step_3)
+    monkeypatch.setattr(training_loop, "learning_rate", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "crashed.pt", {**TINY_CFG, "steps": 5})
-    monkeypatch.setattr(gpt_training, "learning_rate", real)
+    monkeypatch.setattr(training_loop, "learning_rate", real)
     assert torch.load(tmp_path / "crashed.pt.partial.pt", weights_only=True)["step"] == 2
     out, _ = run(tmp_path, "crashed.pt", {**TINY_CFG, "steps": 5, "checkpoint_every": 3})
     assert_same_weights(out_full, out)

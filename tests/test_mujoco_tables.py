@@ -14,6 +14,7 @@ from trifle.evaluation.mujoco_tables import (
     score_rows,
     write_mujoco_tables,
 )
+from trifle.planning.methods import method, sort_key
 
 
 def record(task, method, seed, scores, *, steps=None, violations=None, constrained=False, **extra):
@@ -68,20 +69,31 @@ def test_single_episode_single_seed_has_no_standard_error():
 
 def test_violation_rate_counts_steps_over_all_seeds():
     records = [
-        record("hopper-medium-expert-v2", "tt-safe", 0, [1.0, 2.0], steps=[100, 50], violations=[5, 0]),
-        record("hopper-medium-expert-v2", "tt-safe", 1, [3.0], steps=[50], violations=[10]),
+        record(
+            "hopper-medium-expert-v2",
+            "tt-safe",
+            0,
+            [1.0, 2.0],
+            steps=[100, 50],
+            violations=[5, 0],
+            constrained=True,
+        ),
+        record("hopper-medium-expert-v2", "tt-safe", 1, [3.0], steps=[50], violations=[10], constrained=True),
     ]
     (row,) = score_rows(records)
     assert row["violation_rate"] == pytest.approx(15 / 200)
 
 
-def test_rows_are_sorted_by_task_then_method_with_safe_variants_after_their_base():
-    methods = ["trifle-s-safe", "tt-safe", "trifle-s", "tt", "dt", "zzz"]
-    records = [record("walker2d-medium-v2", m, 0, [1.0]) for m in methods]
+def test_rows_are_sorted_by_task_then_the_registry_order():
+    methods = ["trifle-m", "trifle-s-safe", "tt-safe", "trifle-s", "tt", "dt"]
+    records = [record("walker2d-medium-v2", m, 0, [1.0], constrained=method(m).constrained) for m in methods]
     records.append(record("hopper-medium-v2", "tt", 0, [1.0]))
     rows = score_rows(records)
+    # The registry's orders (10, 20, 21, 30, 31, 40) put each constrained variant right after its base.
+    in_order = ["dt", "tt", "tt-safe", "trifle-s", "trifle-s-safe", "trifle-m"]
+    assert sorted(methods, key=sort_key) == in_order
     assert [(r["task"], r["method"]) for r in rows] == [("hopper-medium-v2", "tt")] + [
-        ("walker2d-medium-v2", m) for m in ["dt", "tt", "tt-safe", "trifle-s", "trifle-s-safe", "zzz"]
+        ("walker2d-medium-v2", m) for m in in_order
     ]
 
 
@@ -103,7 +115,7 @@ def test_records_split_into_the_two_csvs_by_constrained(tmp_path):
     assert float(safe_rows[0]["violation_rate"]) == pytest.approx(4 / 200)
     # The Markdown copies are the paper layouts, not the generic tables.
     assert "TT (published)" in mujoco.with_suffix(".md").read_text()
-    assert "Trifle violation rate" in safe.with_suffix(".md").read_text()
+    assert "TT (constrained) violation rate" in safe.with_suffix(".md").read_text()
 
 
 def test_without_constrained_records_the_safe_csv_has_only_its_header(tmp_path):
@@ -123,14 +135,16 @@ def test_table1_puts_published_scores_beside_ours_with_a_hand_computed_average()
     )
     text = paper_table1_markdown(rows)
     lines = text.splitlines()
-    assert lines[0] == "| Dataset | Environment | DT (published) | TT (published) | dt (ours) | tt (ours) |"
+    # Method columns carry the registry's labels (the CSVs keep the names).
+    assert lines[0] == "| Dataset | Environment | DT (published) | TT (published) | DT (ours) | TT (ours) |"
     # Medium-Expert before Medium, as in the paper.
     assert lines[2] == "| Medium-Expert | Hopper | 107.6 | 110.0 | 92.0 ± 2.0 | 100.0 ± 1.0 |"
     assert lines[3] == "| Medium | Walker2d | 74.0 | 79.0 | – | 61.0 ± 1.0 |"
     # Published: (107.6 + 74.0) / 2 = 90.8 and (110.0 + 79.0) / 2 = 94.5; ours tt: (100 + 61) / 2 = 80.5;
     # dt lacks walker2d, so it has no average.
     assert lines[4] == "| Average |  | 90.8 | 94.5 | – | 80.5 |"
-    assert "TT and DT papers" in text and "1 seed" in text
+    assert "TT and DT papers" in text and "over the episodes of the single seed" in text
+    assert "1 seed per entry" in text
 
 
 def test_table1_shows_a_dash_for_generated_tasks():
@@ -152,14 +166,17 @@ def test_table2_layout():
                 "hopper-medium-expert-v2", "tt-safe", 0, [80.0, 84.0], violations=[10, 2], constrained=True
             ),
             record("hopper-medium-expert-v2", "trifle-s-safe", 0, [100.0, 104.0], constrained=True),
+            record("hopper-medium-expert-v2", "trifle-s", 0, [1.0]),
             record("walker2d-medium-expert-v2", "trifle-s-safe", 0, [90.0], violations=[1], constrained=True),
             record("hopper-medium-expert-v2", "tt", 0, [1.0]),
         ]
     )
     lines = paper_table2_markdown(rows).splitlines()
+    # Only the registry's constrained methods, labelled by the registry.
     assert lines[0] == (
-        "| Dataset | Environment | TT score | TT return | TT violation rate | Trifle score | Trifle return"
-        " | Trifle violation rate |"
+        "| Dataset | Environment | TT (constrained) score | TT (constrained) return"
+        " | TT (constrained) violation rate | s-Trifle (constrained) score | s-Trifle (constrained) return"
+        " | s-Trifle (constrained) violation rate |"
     )
     # Returns are 10 x the scores in these records.
     assert (

@@ -527,6 +527,7 @@ def taxi():
     return task, data, data_mean, gpt, circuit
 
 
+@pytest.mark.slow  # 30 Taxi episodes per planner
 @pytest.mark.parametrize("method", ["tt", "trifle-s", "trifle-m"])
 def test_taxi_planners_on_oracle_models_beat_the_data(taxi, method):
     """The task's own planner settings (composed config) on exact models of its dataset."""

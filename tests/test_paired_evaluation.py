@@ -213,9 +213,11 @@ def test_pairs_need_the_same_seed_index_and_batching():
         ]
     )
     dt = next(r for r in rows if (r["task"], r["method"]) == ("t", "dt"))
-    pairs = [1.0 - 0.0, 12.0 - 10.0, 9.0 - 1.0]  # seed 0 indices 0 and 1, seed 1 index 0
-    assert dt["diff_vs_tt"] == pytest.approx(np.mean(pairs))
-    assert dt["diff_vs_tt_sem"] == pytest.approx(np.std(pairs, ddof=1) / math.sqrt(3))
+    # seed 0 pairs indices 0 and 1, seed 1 index 0; seeds 2 and 3 have none. Two seeds with pairs: the
+    # mean and standard error over their per-seed mean differences (the tables' one convention).
+    seed_means = [np.mean([1.0 - 0.0, 12.0 - 10.0]), 9.0 - 1.0]
+    assert dt["diff_vs_tt"] == pytest.approx(np.mean(seed_means))
+    assert dt["diff_vs_tt_sem"] == pytest.approx(np.std(seed_means, ddof=1) / math.sqrt(2))
     assert dt["n_episodes"] == 8 and dt["dt_target"] == "-300 x3, -250 x1"
     other = next(r for r in rows if r["task"] == "u")
     assert other["diff_vs_tt"] == "" and other["diff_vs_tt_sem"] == "" and other["dt_target"] == "-100"
@@ -259,7 +261,11 @@ def test_summary_stage_writes_the_new_columns(tmp_path):
     assert rows["tt"]["diff_vs_tt"] == "" and rows["trifle-s"]["diff_vs_tt"] == "0.3333"
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert md[0].startswith("| task | method | dt_target |") and "| diff_vs_tt | diff_vs_tt_sem |" in md[0]
-    assert (
-        md[2]
-        == "| frozenlake-eps0.5 | dt | 1 | 1 | 3 | 0.6667 | 0.3333 | 0.3333 | 0.3333 | 1.0000 | 0.0000 | 0.1000 |"
+    assert md[2] == (
+        "| frozenlake-eps0.5 | dt | 1 | 1 | 3 | 0.6667 | 0.3333 | episodes | 0.3333 | 0.3333 | 1.0000 | 0.0000"
+        " | 0.1000 |"
     )
+    assert rows["dt"]["sem_over"] == "episodes"
+    # The note under the table states the convention and what each row used.
+    assert md[5] == "" and "over episodes where it has one" in md[6]
+    assert "rows over seeds: 0, over episodes: 3" in md[6]

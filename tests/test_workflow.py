@@ -47,6 +47,7 @@ def _jobs(out: str) -> list[tuple[str, str]]:
     return jobs
 
 
+@pytest.mark.slow  # the paper DAG: 631 jobs, over a minute to build
 def test_paper_dry_run_has_every_job_with_gpu_resources(paper_dry_run):
     counts = job_counts(paper_dry_run)
     # 4 toy tasks x 3 seeds; 9 Gym-MuJoCo datasets x 12 seeds.
@@ -63,6 +64,7 @@ def test_paper_dry_run_has_every_job_with_gpu_resources(paper_dry_run):
             assert "gpu=0" in block and "slurm_partition=cpu" in block, block
 
 
+@pytest.mark.slow
 def test_paper_mujoco_jobs_use_tt_training_and_the_paper_methods(paper_dry_run):
     jobs = _jobs(paper_dry_run)
     gpt = {

@@ -12,8 +12,11 @@ import sys
 import time
 from collections.abc import Sequence
 
+from trifle.config import STAGE_KEYS
 from trifle.errors import TrifleError
-from trifle.stages import STAGES
+
+# The stages are the modules of trifle.stages, each with its config keys in trifle.config.STAGE_KEYS.
+STAGES = tuple(STAGE_KEYS)
 
 
 def _parser() -> argparse.ArgumentParser:

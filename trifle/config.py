@@ -96,11 +96,22 @@ def get(cfg: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+# Sub-keys left out of every slice: the method registry block is read by the workflow and the tables,
+# never by a stage's computation, so relabelling a method must not rerun its evaluations.
+NOT_SLICED: dict[str, tuple[str, ...]] = {"planner": ("registry",)}
+
+
 def stage_slice(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     """The part of ``cfg`` a stage reads, as a plain dict keyed by dotted names."""
     if stage not in STAGE_KEYS:
         raise ConfigError(f"unknown stage '{stage}'; expected one of: {', '.join(STAGE_KEYS)}")
-    return {key: get(cfg, key) for key in STAGE_KEYS[stage]}
+    out = {}
+    for key in STAGE_KEYS[stage]:
+        value = get(cfg, key)
+        if key in NOT_SLICED:
+            value = {k: v for k, v in value.items() if k not in NOT_SLICED[key]}
+        out[key] = value
+    return out
 
 
 def _related(key: str, stage_key: str) -> bool:
@@ -186,7 +197,10 @@ def _validate_task(cfg: dict[str, Any]) -> None:
 
 def _validate_planner(cfg: dict[str, Any]) -> None:
     """DT's conditioning targets: null (the task's list), a number, or a non-empty list of numbers."""
+    from trifle.planning.methods import method
+
     planner = get(cfg, "planner")
+    method(planner["name"])  # the registry block: one error naming the planner file
     if planner.get("method") == "dt" and planner.get("target_return") is not None:
         from trifle.planning.dt_policy import parse_target_returns
 

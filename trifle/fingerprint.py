@@ -4,6 +4,10 @@ Snakemake's ``code`` trigger only sees a rule's own shell/script, not the librar
 therefore passes, as a param, a hash of the syntax trees of the stage module and every ``trifle``
 module it imports (transitively). Hashing the AST, not the text, means comments, docstring-free
 reformatting and blank lines do not retrain models; any change to what the code does does.
+
+The walk follows imports, so a stage's fingerprint is only as narrow as its imports: code a stage
+does not run (table formatting, the list of stages, other stages) must not sit in a module it imports
+or in a package ``__init__`` above it. ``tests/test_architecture.py`` holds that in place.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
-def _module_file(module: str) -> Path | None:
-    """The source file of a ``trifle.*`` module, or None for anything outside the package."""
+def _module_file(module: str, root: Path) -> Path | None:
+    """The source file of a ``trifle.*`` module under ``root``, or None for anything outside the package."""
     parts = module.split(".")
     if parts[0] != "trifle":
         return None
-    base = PACKAGE_ROOT.joinpath(*parts[1:])
+    base = root.joinpath(*parts[1:])
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -60,13 +64,17 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 
 @functools.cache
-def code_fingerprint(module: str) -> str:
-    """sha256 over the docstring-free ASTs of ``module`` and the trifle modules it reaches."""
+def code_fingerprint(module: str, *more: str, root: Path = PACKAGE_ROOT) -> str:
+    """sha256 over the docstring-free ASTs of ``module`` (and ``more``) and the trifle modules they reach.
+
+    ``more`` names modules a stage loads by name at run time (the static walk cannot see them);
+    ``root`` is the package directory (another copy of it in tests).
+    """
     seen: dict[str, str] = {}
-    pending = [module]
+    pending = [module, *more]
     while pending:
         name = pending.pop()
-        path = _module_file(name)
+        path = _module_file(name, Path(root))
         if name in seen or path is None:
             continue
         tree = ast.parse(path.read_text(), filename=str(path))

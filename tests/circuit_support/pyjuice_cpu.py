@@ -4,7 +4,7 @@ pyjuice is GPU-only; CI has no GPU, yet it must show that the package's PyTorch 
 computes. `enable_pyjuice_on_cpu()` applies the smallest set of runtime monkeypatches (nothing on disk is
 touched) under which pyjuice's unmodified forward, backward, EM and query kernels execute in
 `TRITON_INTERPRET=1` mode. Every patch below only changes *where* or *in which precision* a kernel runs,
-never what it computes, so the numbers are pyjuice's own. See /work/shared/notes/pyjuice-on-cpu.md.
+never what it computes, so the numbers are pyjuice's own. See docs/circuits.md#pyjuice-without-a-gpu.
 
 The interpreter flag is read when triton is first imported, so this must run in a fresh process (the tests
 start one with `run_pyjuice_reference.py`).

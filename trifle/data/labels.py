@@ -79,7 +79,7 @@ def label_trajectories(
     """Segment a D4RL-layout dataset and attach value labels.
 
     With a ``termination_penalty``, the reward of every real terminal transition is replaced by it
-    (Trajectory Transformer's convention, notes §2.3), which teaches the planner to avoid termination
+    (Trajectory Transformer's convention, docs/paper.md#tokens-and-labels), which teaches the planner to avoid termination
     in tasks where termination means failure (MuJoCo falls).
     """
     rewards = np.asarray(arrays["rewards"], np.float32).copy()

@@ -1,16 +1,17 @@
-"""MuJoCo (D4RL) result tables laid out like the Trifle paper's Tables 1 and 2, plus a score figure.
+"""Gym-MuJoCo (D4RL) result tables laid out like the Trifle paper's Tables 1 and 2, plus a score figure.
 
-The generic summary (:mod:`trifle.evaluation.summary`) pools episodes and reports raw returns; the paper
-compares normalized D4RL scores across seeds and, for the action-constrained runs, the share of steps that
-broke the constraint. This module computes those numbers from the per-seed evaluation records and writes
-them as CSV (for scripts) and as Markdown laid out like the paper (for reading beside it).
+The grouping, checks, means and standard errors are :mod:`trifle.evaluation.aggregate`'s, the one
+convention of every table (several seeds: mean of the per-seed means, standard error over seeds; one
+seed: over its episodes; the ``sem_over`` column says which). This module holds what only the Gym-MuJoCo
+tables have: normalized D4RL scores, the share of steps that broke the action constraint, the published
+TT and DT scores, the split between the main table and the constrained one (the method registry's
+``tables``), and the paper layouts (Markdown) and figure.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from trifle.errors import DataError
-from trifle.evaluation.summary import METHOD_ORDER, load_evaluation
+from trifle.evaluation import aggregate
+from trifle.evaluation.aggregate import Group, convention_phrase, group_records, load_evaluation
+from trifle.evaluation.tables import write_table
 from trifle.io import atomic_path
-from trifle.stages.tables import write_table
+from trifle.planning.methods import method, sort_key
 
 MUJOCO_COLUMNS = (
     "task",
@@ -28,11 +31,14 @@ MUJOCO_COLUMNS = (
     "n_seeds",
     "score_mean",
     "score_sem",
+    "sem_over",
     "violation_rate",
     "step_seconds",
     "return_mean",
     "return_sem",
 )
+#: Method-registry table names (trifle.planning.methods.TABLES) of the two MuJoCo tables.
+MAIN_TABLE, CONSTRAINED_TABLE = "mujoco", "constrained"
 
 # Normalized D4RL scores (x100, v2 datasets) reported by the Trajectory Transformer (Janner et al., 2021)
 # and Decision Transformer (Chen et al., 2021) papers, as quoted in the Trifle paper's Table 1.
@@ -61,19 +67,9 @@ PUBLISHED: dict[str, dict[str, float]] = {
     },
 }
 
-REQUIRED_KEYS = (
-    "task",
-    "method",
-    "seed",
-    "env",
-    "dataset",
-    "constrained",
-    "episodes",
-    "plan_seconds",
-    "env_steps",
-)
-REQUIRED_EPISODE_KEYS = ("scores", "returns", "steps", "violations")
-SAFE_SUFFIX = "-safe"
+#: Keys a MuJoCo evaluation record has besides aggregate.REQUIRED_KEYS, and its per-episode series.
+MUJOCO_KEYS = ("env", "dataset", "constrained")
+EPISODE_KEYS = ("scores", "returns", "steps", "violations")
 # The paper's row order: datasets from best to worst data, environments alphabetically as in D4RL.
 DATASET_ORDER = ("medium-expert", "medium", "medium-replay")
 ENV_ORDER = ("halfcheetah", "hopper", "walker2d")
@@ -84,25 +80,9 @@ DASH = "–"
 # --------------------------------------------------------------------------- records and rows
 
 
-def _record_id(record: dict[str, Any]) -> str:
-    return f"task={record.get('task', '?')} method={record.get('method', '?')} seed={record.get('seed', '?')}"
-
-
 def check_record(record: dict[str, Any]) -> None:
     """Fail early, naming the run, when a record lacks what the tables need (rather than a KeyError later)."""
-    for key in REQUIRED_KEYS:
-        if key not in record:
-            raise DataError(f"evaluation record {_record_id(record)}: lacks key '{key}'")
-    episodes = record["episodes"]
-    for key in REQUIRED_EPISODE_KEYS:
-        if key not in episodes:
-            raise DataError(f"evaluation record {_record_id(record)}: lacks key 'episodes.{key}'")
-    lengths = {key: len(episodes[key]) for key in REQUIRED_EPISODE_KEYS}
-    if len(set(lengths.values())) != 1 or not lengths["scores"]:
-        raise DataError(
-            f"evaluation record {_record_id(record)}: episodes.scores/returns/steps/violations must be non-empty "
-            f"lists of one length, got lengths {lengths}"
-        )
+    aggregate.check_record(record, EPISODE_KEYS, MUJOCO_KEYS)
 
 
 def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -113,82 +93,50 @@ def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return records
 
 
-def method_key(method: str) -> tuple[int, str, bool]:
-    """Sort methods by METHOD_ORDER, each "-safe" variant right after its base method."""
-    safe = method.endswith(SAFE_SUFFIX)
-    base = method[: -len(SAFE_SUFFIX)] if safe else method
-    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return (rank, base, safe)
-
-
-def _sem(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
-def _single(group: list[dict[str, Any]], key: str) -> Any:
-    """The one value of ``key`` shared by a (task, method) group; mixed values mean mixed-up files."""
-    values = {r[key] for r in group}
-    if len(values) != 1:
+def _score_row(group: Group) -> dict[str, Any]:
+    constrained = bool(group.single("constrained"))
+    if constrained != method(group.method).constrained:
         raise DataError(
-            f"evaluation records task={group[0]['task']} method={group[0]['method']}: "
-            f"seeds disagree on '{key}' ({sorted(map(str, values))})"
+            f"{group.files}: run {'with' if constrained else 'without'} the action constraint, but method "
+            f"{group.method!r} is declared {'un' if constrained else ''}constrained in its planner config "
+            "(an override of planner.constrained?); its rows would land in the wrong table"
         )
-    return values.pop()
-
-
-def _mean_and_sem(per_seed: list[list[float]]) -> tuple[float, float]:
-    """Mean over seeds of each seed's episode mean, and its standard error (see :func:`score_rows`)."""
-    episodes = [np.asarray(values, dtype=float) for values in per_seed]
-    seed_means = np.array([e.mean() for e in episodes])
-    # One seed has no between-seed spread to report; the episode-level error is the best available.
-    return float(seed_means.mean()), _sem(seed_means) if len(episodes) >= 2 else _sem(episodes[0])
-
-
-def _score_row(group: list[dict[str, Any]]) -> dict[str, Any]:
-    seeds = [r["seed"] for r in group]
-    if len(set(seeds)) != len(seeds):
-        raise DataError(
-            f"evaluation records task={group[0]['task']} method={group[0]['method']}: duplicate seeds {seeds}"
-        )
-    score_mean, sem = _mean_and_sem([r["episodes"]["scores"] for r in group])
-    return_mean, return_sem = _mean_and_sem([r["episodes"]["returns"] for r in group])
-    steps = sum(int(np.sum(r["episodes"]["steps"])) for r in group)
-    violations = sum(int(np.sum(r["episodes"]["violations"])) for r in group)
-    env_steps = sum(r["env_steps"] for r in group)
+    score, ret = group.estimate("scores"), group.estimate("returns")
+    steps = sum(int(np.sum(r["episodes"]["steps"])) for r in group.records)
+    violations = sum(int(np.sum(r["episodes"]["violations"])) for r in group.records)
     return {
-        "task": group[0]["task"],
-        "method": group[0]["method"],
-        "n_seeds": len(group),
-        "score_mean": score_mean,
-        "score_sem": sem,
-        "return_mean": return_mean,
-        "return_sem": return_sem,
+        "task": group.task,
+        "method": group.method,
+        "n_seeds": len(group.records),
+        "score_mean": score.mean,
+        "score_sem": score.sem,
+        "sem_over": score.over,
+        "return_mean": ret.mean,
+        "return_sem": ret.sem,
         "violation_rate": violations / steps if steps else 0.0,
-        "step_seconds": sum(r["plan_seconds"] for r in group) / env_steps if env_steps else float("nan"),
+        "step_seconds": group.step_seconds(),
         # Not CSV columns: kept so the paper layouts need not parse task names.
-        "env": _single(group, "env"),
-        "dataset": _single(group, "dataset"),
-        "constrained": bool(_single(group, "constrained")),
+        "env": group.single("env"),
+        "dataset": group.single("dataset"),
+        "constrained": constrained,
     }
 
 
 def score_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method), sorted by task then method, with the MUJOCO_COLUMNS statistics.
+    """One row per (task, method), by task then the registry's method order, with the MUJOCO_COLUMNS.
 
-    ``score_mean`` is the mean over seeds of each seed's mean episode score, so every seed weighs the same
-    whatever its episode count. ``score_sem`` is the standard error of those per-seed means (ddof=1) when
-    there are two or more seeds: it measures training variance, which is what the paper's +- reports.
-    With a single seed it falls back to the standard error over that seed's episodes (evaluation noise
-    only, so it understates the spread across training runs); it is NaN when only one value exists.
+    ``score_mean``/``score_sem`` and ``return_mean``/``return_sem`` follow the aggregate convention
+    (``sem_over``: ``seeds`` with several seeds, the per-seed means; ``episodes`` with one).
     ``violation_rate`` is violating steps over all steps of all episodes; ``step_seconds`` is planning
-    wall time per environment step. Rows also carry ``env``, ``dataset`` and ``constrained``.
+    wall time per environment step. Rows also carry ``env``, ``dataset`` and ``constrained``; a record
+    whose ``constrained`` flag contradicts its method's planner config is a DataError naming the files.
     """
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        check_record(record)
-        groups[(record["task"], record["method"])].append(record)
-    keys = sorted(groups, key=lambda k: (k[0], method_key(k[1])))
-    return [_score_row(groups[k]) for k in keys]
+    return [_score_row(g) for g in group_records(records, EPISODE_KEYS, MUJOCO_KEYS).values()]
+
+
+def table_rows(rows: list[dict[str, Any]], table: str) -> list[dict[str, Any]]:
+    """The rows of the methods the registry lists in ``table`` (``mujoco`` or ``constrained``)."""
+    return [r for r in rows if table in method(r["method"]).tables]
 
 
 # --------------------------------------------------------------------------- paper layouts
@@ -239,13 +187,12 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _seeds_phrase(rows: list[dict[str, Any]]) -> str:
-    """What the ± is over: seeds, or a single seed's episodes (see :func:`score_rows`)."""
+def _error_note(rows: list[dict[str, Any]]) -> str:
+    """What the ± of ``rows`` is over, entry by entry (the aggregate convention), and their seed counts."""
+    cells = {f"{method(r['method']).label} on {r['task']}": r["sem_over"] for r in rows}
     counts = sorted({int(r["n_seeds"]) for r in rows})
-    if counts == [1]:
-        return "the episodes of 1 seed"
-    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    return f"{n} seeds" + (" (the episodes, for a single seed)" if counts[0] == 1 else "")
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return f"mean ± standard error {convention_phrase(cells)}; {seeds} seed{'' if counts == [1] else 's'} per entry"
 
 
 def _average(values: list[float | None]) -> str:
@@ -255,25 +202,39 @@ def _average(values: list[float | None]) -> str:
     return f"{sum(values) / len(values):.1f}"
 
 
+def _published_methods() -> list[str]:
+    return sorted(PUBLISHED, key=sort_key)
+
+
+def _in_order(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods of ``rows`` in the registry's display order."""
+    return sorted({r["method"] for r in rows}, key=sort_key)
+
+
 def paper_table1_markdown(rows: list[dict[str, Any]]) -> str:
     """Normalized scores laid out like the paper's Table 1, published TT/DT numbers beside ours.
 
-    One line per (dataset, environment); a column per method present ("<method> (ours)", mean +- sem);
-    a final Average line per column where the column has a value on every line, else "–".
+    Only the methods the registry lists in the ``mujoco`` table count. One line per (dataset,
+    environment); a column per method present ("<registry label> (ours)", mean +- sem); a final Average
+    line per column where the column has a value on every line, else "–".
     """
+    rows = table_rows(rows, MAIN_TABLE)
     if not rows:
         return "No unconstrained MuJoCo runs.\n"
     tasks = _lines(rows)
-    methods = sorted({r["method"] for r in rows}, key=method_key)
+    methods = _in_order(rows)
+    published = _published_methods()
     by_key = {(r["task"], r["method"]): r for r in rows}
     labels = _labels({r["task"]: r for r in rows})
-    header = ["Dataset", "Environment", "DT (published)", "TT (published)"] + [f"{m} (ours)" for m in methods]
-    body, columns = [], [[] for _ in range(2 + len(methods))]
+    header = ["Dataset", "Environment"]
+    header += [f"{method(m).label} (published)" for m in published]
+    header += [f"{method(m).label} (ours)" for m in methods]
+    body, columns = [], [[] for _ in range(len(published) + len(methods))]
     for task in tasks:
-        values: list[float | None] = [PUBLISHED["dt"].get(task), PUBLISHED["tt"].get(task)]
+        values: list[float | None] = [PUBLISHED[m].get(task) for m in published]
         cells = [DASH if v is None else f"{v:.1f}" for v in values]
-        for method in methods:
-            row = by_key.get((task, method))
+        for name in methods:
+            row = by_key.get((task, name))
             values.append(None if row is None else row["score_mean"])
             cells.append(DASH if row is None else _cell(row["score_mean"], row["score_sem"]))
         for column, value in zip(columns, values, strict=True):
@@ -282,7 +243,7 @@ def paper_table1_markdown(rows: list[dict[str, Any]]) -> str:
     body.append(["Average", "", *(_average(c) for c in columns)])
     note = (
         "\nPublished numbers are from the TT and DT papers (normalized D4RL scores, v2 datasets); "
-        f"ours are mean ± standard error over {_seeds_phrase(rows)}.\n"
+        f"ours are {_error_note(rows)}.\n"
     )
     return _markdown(header, body) + note
 
@@ -290,22 +251,24 @@ def paper_table1_markdown(rows: list[dict[str, Any]]) -> str:
 def paper_table2_markdown(rows: list[dict[str, Any]]) -> str:
     """Action-constrained results laid out like the paper's Table 2: score and violation rate per planner.
 
-    Only "-safe" methods count; TT is ``tt-safe`` and Trifle is ``trifle-s-safe``. Violation rates are
-    percentages of environment steps.
+    Only the methods the registry lists in the ``constrained`` table count, each with its registry
+    label. Violation rates are percentages of environment steps.
     """
-    safe = [r for r in rows if r["method"].endswith(SAFE_SUFFIX)]
-    if not safe:
+    rows = table_rows(rows, CONSTRAINED_TABLE)
+    if not rows:
         return "No constrained (action-constrained) runs.\n"
-    by_key = {(r["task"], r["method"]): r for r in safe}
-    labels = _labels({r["task"]: r for r in safe})
+    methods = _in_order(rows)
+    by_key = {(r["task"], r["method"]): r for r in rows}
+    labels = _labels({r["task"]: r for r in rows})
     header = ["Dataset", "Environment"]
-    for name in ("TT", "Trifle"):
-        header += [f"{name} score", f"{name} return", f"{name} violation rate"]
+    for name in methods:
+        label = method(name).label
+        header += [f"{label} score", f"{label} return", f"{label} violation rate"]
     body = []
-    for task in _lines(safe):
+    for task in _lines(rows):
         cells = [*labels[task]]
-        for method in ("tt-safe", "trifle-s-safe"):
-            row = by_key.get((task, method))
+        for name in methods:
+            row = by_key.get((task, name))
             if row is None:
                 cells += [DASH, DASH, DASH]
             else:
@@ -315,7 +278,7 @@ def paper_table2_markdown(rows: list[dict[str, Any]]) -> str:
                     f"{100 * row['violation_rate']:.2f}%",
                 ]
         body.append(cells)
-    return _markdown(header, body) + f"\nMean ± standard error over {_seeds_phrase(safe)}.\n"
+    return _markdown(header, body) + f"\nScores and returns: {_error_note(rows)}.\n"
 
 
 # --------------------------------------------------------------------------- files
@@ -326,27 +289,30 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_mujoco_tables(records: list[dict[str, Any]], mujoco_csv: Path, safe_csv: Path) -> None:
-    """Write unconstrained rows to ``mujoco_csv`` and constrained rows to ``safe_csv``.
+def write_mujoco_tables(
+    records: list[dict[str, Any]], mujoco_csv: Path, safe_csv: Path
+) -> list[dict[str, Any]]:
+    """Write the rows of the methods the registry lists in the ``mujoco`` table to ``mujoco_csv`` and those
+    it lists in the ``constrained`` table to ``safe_csv``.
 
     The CSVs come from :func:`write_table`; its generic Markdown copies are then replaced by the paper
     layouts, which are what a reader compares against the paper. All records are checked before any file
-    is written, so a bad record leaves the previous tables intact.
+    is written, so a bad record leaves the previous tables intact. Returns every row (:func:`score_rows`).
     """
-    for record in records:
-        check_record(record)
-    plain = score_rows([r for r in records if not r["constrained"]])
-    safe = score_rows([r for r in records if r["constrained"]])
+    rows = score_rows(records)
+    plain, safe = table_rows(rows, MAIN_TABLE), table_rows(rows, CONSTRAINED_TABLE)
     mujoco_csv, safe_csv = Path(mujoco_csv), Path(safe_csv)
     write_table(mujoco_csv, plain, MUJOCO_COLUMNS)
     write_table(safe_csv, safe, MUJOCO_COLUMNS)
     _write_text(mujoco_csv.with_suffix(".md"), paper_table1_markdown(plain))
-    # Constrained rows are "-safe" methods by convention; the CSV keeps them all, the layout shows TT/Trifle.
     _write_text(safe_csv.with_suffix(".md"), paper_table2_markdown(safe))
+    return rows
 
 
 def plot_scores(rows: list[dict[str, Any]], path: Path) -> None:
-    """Normalized score +- sem per method, one panel per task, published TT/DT scores marked, as a PNG."""
+    """Normalized score +- sem per method (registry label and order), one panel per task, the published
+    scores marked, as a PNG. Only the methods the registry lists in one of the two MuJoCo tables count."""
+    rows = [r for r in rows if {MAIN_TABLE, CONSTRAINED_TABLE} & set(method(r["method"]).tables)]
     if not rows:
         raise DataError(f"{path}: no MuJoCo score rows to plot")
     import matplotlib
@@ -358,7 +324,7 @@ def plot_scores(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         _plot_task(
-            ax, task, sorted((r for r in rows if r["task"] == task), key=lambda r: method_key(r["method"]))
+            ax, task, sorted((r for r in rows if r["task"] == task), key=lambda r: sort_key(r["method"]))
         )
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
@@ -370,13 +336,13 @@ def _plot_task(ax: Any, task: str, task_rows: list[dict[str, Any]]) -> None:
     x = np.arange(len(task_rows))
     sems = [0.0 if math.isnan(r["score_sem"]) else r["score_sem"] for r in task_rows]
     ax.bar(x, [r["score_mean"] for r in task_rows], yerr=sems, capsize=4, color="#4c72b0")
-    ax.set_xticks(x, [r["method"] for r in task_rows])
-    for name, style in (("tt", "--"), ("dt", ":")):
-        if task in PUBLISHED[name]:
-            ax.axhline(
-                PUBLISHED[name][task], color="#c44e52", linestyle=style, label=f"{name.upper()} (published)"
-            )
-    if any(task in published for published in PUBLISHED.values()):
+    ax.set_xticks(x, [method(r["method"]).label for r in task_rows])
+    published = [m for m in _published_methods() if task in PUBLISHED[m]]
+    for name, style in zip(published, ("--", ":", "-.", (0, (5, 1))), strict=False):
+        ax.axhline(
+            PUBLISHED[name][task], color="#c44e52", linestyle=style, label=f"{method(name).label} (published)"
+        )
+    if published:
         ax.legend(fontsize=7)
     ax.set_title(task)
     ax.set_ylabel("normalized score")

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from trifle.envs import make_mdp
+from trifle.envs.mujoco import MUJOCO_ENVS, VectorMujocoEnv
 from trifle.envs.tabular import TabularMDP, VectorTabularEnv
 from trifle.errors import ConfigError
 from trifle.planning.constraints import Bound, violations
@@ -157,3 +159,14 @@ def evaluate_policy(
                 if hasattr(vector_env, "close"):
                     vector_env.close()
     return results
+
+
+def env_factory(cfg: dict[str, Any]) -> EnvFactory:
+    """The task's vectorised environment (``task.env``); ``eval.max_episode_steps`` shortens episodes."""
+    limit = cfg["eval"]["max_episode_steps"]
+    name = cfg["task"]["env"]
+    if name in MUJOCO_ENVS:
+        steps = 1000 if limit is None else int(limit)
+        return lambda num_envs, seed: VectorMujocoEnv(name, num_envs, seed, max_episode_steps=steps)
+    params = {} if limit is None else {"max_episode_steps": int(limit)}
+    return tabular_factory(make_mdp(name, **params))

@@ -1,9 +1,9 @@
 """Train and load the Decision Transformer baseline on labeled (raw, undiscretized) trajectories.
 
-Follows the trajectory GPT's trainer (``gpt_training``) in everything but the model and the data:
-the model init is a function of ``seed``, the minibatch of optimizer step ``t`` a function of
-``(seed, t)`` and the dropout masks of step ``t`` come from a generator seeded with ``(seed, t)``, so a
-run resumed from ``<out_path>.partial.pt`` ends with bit-identical weights. Held-out episodes come
+Runs the same loop as the trajectory GPT's trainer (``training_loop``), so only the model and the
+data differ: the model init is a function of ``seed``, the minibatch of optimizer step ``t`` a function
+of ``(seed, t)`` and the dropout masks of step ``t`` come from a generator seeded with ``(seed, t)``, so
+a run resumed from ``<out_path>.partial.pt`` ends with bit-identical weights. Held-out episodes come
 from :func:`split_episodes` with the same seed, so DT and the GPT hold out the same episodes.
 
 Returns-to-go are DT's: the undiscounted sum of the rewards from step ``t`` to the episode's end,
@@ -15,32 +15,33 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from trifle.data.labels import LabeledTrajectories
 from trifle.data.windows import split_episodes
 from trifle.errors import CheckpointError, ConfigError, DataError
-from trifle.io import atomic_path
 from trifle.models.dt import DecisionTransformer, DTConfig
 from trifle.models.training_common import (
-    batch_indices,
-    check_partial,
+    adamw,
     cpu_state,
     derived_seed,
     eval_subset,
     float_setting,
     int_setting,
-    learning_rate,
     load_checkpoint,
-    partial_path,
     seeded,
+)
+from trifle.models.training_loop import (
+    TrainingJob,
+    optimizer_step,
+    run_training,
+    save_final,
+    shuffled_batches,
 )
 
 CHECKPOINT_FORMAT = "trifle-dt/1"
@@ -249,15 +250,9 @@ def model_config(cfg: Mapping[str, Any], labeled: LabeledTrajectories) -> DTConf
     )
 
 
-def _make_optimizer(model: DecisionTransformer, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
-    """AdamW with weight decay on linear weights only (minGPT/DT-Atari: not biases, norms, embeddings)."""
-    decay = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    params = dict(model.named_parameters())
-    groups = [
-        {"params": [p for n, p in params.items() if n in decay], "weight_decay": cfg["weight_decay"]},
-        {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]))
+def make_optimizer(model: DecisionTransformer, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    """minGPT/DT-Atari's grouping: weight decay on linear weights only."""
+    return adamw(model, cfg)
 
 
 def _fingerprint(labeled: LabeledTrajectories) -> dict:
@@ -310,7 +305,7 @@ def score(model: DecisionTransformer, batches: Iterator[tuple[torch.Tensor, ...]
     return {"loss": loss, "accuracy": correct / count if count else float("nan"), "ll": -loss}
 
 
-def _train_step(
+def train_step(
     model: DecisionTransformer,
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, ...],
@@ -318,17 +313,15 @@ def _train_step(
     grad_clip: float,
     dropout_seed: int,
 ) -> float:
-    """One AdamW step on ``batch``; dropout masks come from ``dropout_seed`` so a resume replays them."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with seeded(dropout_seed, model.device):
-        loss = model.action_loss(*(t.to(model.device) for t in batch))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.item()
+    """One update on DT's action loss (cross-entropy or MSE over the unpadded steps)."""
+    return optimizer_step(
+        model,
+        optimizer,
+        lambda: model.action_loss(*(t.to(model.device) for t in batch)),
+        lr,
+        grad_clip,
+        dropout_seed,
+    )
 
 
 def train_dt(
@@ -349,9 +342,6 @@ def train_dt(
     checkpoint.
     """
     cfg = resolve_config(cfg)
-    out_path = Path(out_path)
-    partial = partial_path(out_path)
-    dev = torch.device(device)
     _check_data(labeled)
     mcfg = model_config(cfg, labeled)
     starts = labeled.episode_starts
@@ -360,10 +350,8 @@ def train_dt(
     rtg_scaled = returns_to_go(labeled.rewards, starts) / scale
     train_windows = DTWindows(labeled, rtg_scaled, cfg["context_len"], train_ids)
     valid_windows = DTWindows(labeled, rtg_scaled, cfg["context_len"], valid_ids)
-    total_steps = cfg["steps"]
-    identity = {"seed": int(seed), "data": _fingerprint(labeled), "cfg": cfg}
-
-    with seeded(derived_seed(seed, 0), dev):
+    data = _fingerprint(labeled)
+    with seeded(derived_seed(seed, 0), torch.device(device)):
         model = DecisionTransformer(mcfg)
     if not mcfg.discrete:
         train_rows = np.concatenate(
@@ -372,33 +360,13 @@ def train_dt(
         obs = torch.from_numpy(np.asarray(labeled.observations[train_rows], np.float64))
         model.obs_mean.copy_(obs.mean(0).float())
         model.obs_std.copy_(obs.std(0).clamp_min(1e-6).float())
-    model.to(dev)
-    optimizer = _make_optimizer(model, cfg)
-    state = {"step": 0, "history": [], "loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
-    if partial.exists():
-        saved = load_checkpoint(partial, dev, "DT")
-        check_partial(
-            partial, saved, identity, partial_format=PARTIAL_FORMAT, resume_free_keys=_RESUME_FREE_KEYS
-        )
-        model.load_state_dict(saved["state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = {k: saved[k] for k in state}
-
-    def save_partial() -> None:
-        with atomic_path(partial) as tmp:
-            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": cpu_state(model)}
-            torch.save({**payload, "optimizer": optimizer.state_dict(), **state}, tmp)
-
     train_eval = eval_subset(len(train_windows), cfg["eval_windows"])
     valid_eval = eval_subset(len(valid_windows), cfg["eval_windows"])
 
     def evaluate() -> dict[str, Any]:
-        count = state["loss_count"]
         train_score = score(model, train_windows.iter_batches(train_eval, 256))
         valid_score = score(model, valid_windows.iter_batches(valid_eval, 256))
-        record = {
-            "step": state["step"],
-            "train_loss": state["loss_sum"] / count if count else float("nan"),
+        return {
             "train_eval_loss": train_score["loss"],
             "heldout_loss": valid_score["loss"],
             "train_accuracy": train_score["accuracy"],
@@ -406,55 +374,42 @@ def train_dt(
             "train_ll_per_token": train_score["ll"],
             "heldout_ll_per_token": valid_score["ll"],
         }
-        state["history"].append(record)
-        state["loss_sum"], state["loss_count"] = 0.0, 0
-        return record
 
-    began = time.perf_counter()
-    steps_this_call, heldout = 0, "?"
-    model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], desc="dt", disable=not progress, dynamic_ncols=True)
-    with bar:
-        while state["step"] < total_steps:
-            if stop_after is not None and steps_this_call >= stop_after:
-                state["seconds"] += time.perf_counter() - began
-                save_partial()
-                return {"completed": False, "steps": state["step"], "seconds": state["seconds"]}
-            step = state["step"]
-            batch = train_windows.get(batch_indices(seed, step, cfg["batch_size"], len(train_windows)))
-            lr = learning_rate(cfg, step, total_steps)
-            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], derived_seed(seed, 2, step))
-            state["step"], steps_this_call = step + 1, steps_this_call + 1
-            state["loss_sum"] += loss
-            state["loss_count"] += 1
-            bar.update(1)
-            if cfg["eval_every"] and state["step"] % cfg["eval_every"] == 0 and state["step"] < total_steps:
-                heldout = f"{evaluate()['heldout_loss']:.3f}"
-            bar.set_postfix(loss=f"{loss:.3f}", heldout_loss=heldout, refresh=False)
-            if cfg["checkpoint_every"] and state["step"] % cfg["checkpoint_every"] == 0:
-                state["seconds"] += time.perf_counter() - began
-                began = time.perf_counter()
-                save_partial()
-
-    final = evaluate()  # the loop skips evaluating at the last step, so this record is never a duplicate
-    state["seconds"] += time.perf_counter() - began
+    job = TrainingJob(
+        kind="DT",
+        model=model,
+        make_optimizer=make_optimizer,
+        batch=shuffled_batches(train_windows, seed, cfg["batch_size"]),
+        step=train_step,
+        evaluate=evaluate,
+        shown_score=("heldout_loss", "heldout_loss"),
+        data=data,
+        partial_format=PARTIAL_FORMAT,
+        resume_free_keys=_RESUME_FREE_KEYS,
+    )
+    run = run_training(
+        job,
+        cfg,
+        seed=seed,
+        total_steps=cfg["steps"],
+        out_path=out_path,
+        device=device,
+        progress=progress,
+        stop_after=stop_after,
+    )
+    if not run.completed:
+        return run.stopped_metrics()
     metrics = {
         "completed": True,
         "discrete": mcfg.discrete,
-        "train_loss": final["train_loss"],
-        "train_eval_loss": final["train_eval_loss"],
-        "heldout_loss": final["heldout_loss"],
-        "train_accuracy": final["train_accuracy"],
-        "heldout_accuracy": final["heldout_accuracy"],
-        "train_ll_per_token": final["train_ll_per_token"],
-        "heldout_ll_per_token": final["heldout_ll_per_token"],
+        **run.final_scores,  # train_loss and the evaluation's scores above
         "return_scale": scale,
-        "steps": total_steps,
-        "seconds": state["seconds"],
+        "steps": cfg["steps"],
+        "seconds": run.seconds,
         "num_params": model.num_params(),
         "num_train_windows": len(train_windows),
         "num_heldout_windows": len(valid_windows),
-        "history": state["history"],
+        "history": run.history,
     }
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -464,15 +419,9 @@ def train_dt(
         "return_scale": scale,
         "state_dict": cpu_state(model),
         "metrics": metrics,
-        "data": {
-            **identity["data"],
-            "train_episodes": train_ids.tolist(),
-            "heldout_episodes": valid_ids.tolist(),
-        },
+        "data": {**data, "train_episodes": train_ids.tolist(), "heldout_episodes": valid_ids.tolist()},
     }
-    with atomic_path(out_path) as tmp:
-        torch.save(checkpoint, tmp)
-    partial.unlink(missing_ok=True)
+    save_final(out_path, checkpoint)
     return metrics
 
 

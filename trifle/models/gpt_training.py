@@ -5,37 +5,41 @@ Reproducibility is by construction rather than by saved RNG state: the model ini
 of the training windows per epoch), and the dropout masks of step ``t`` come from a generator seeded
 with ``(seed, t)``. A run resumed from ``<out_path>.partial.pt`` therefore replays exactly the same
 steps as an uninterrupted one, and ends with bit-identical weights (same machine and threads).
+
+The step loop, schedule, evaluations and partial checkpoints are ``training_loop``'s, shared with the
+other trainers; this module supplies what is the GPT's: the model, its optimizer, batches, loss and scores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from trifle.data.windows import TransitionWindows, split_episodes
 from trifle.errors import CheckpointError, ConfigError
-from trifle.io import atomic_path
 from trifle.models.gpt import GPTConfig, TrajectoryGPT
 from trifle.models.training_common import (
-    batch_indices,
-    check_partial,
+    adamw,
     cpu_state,
     derived_seed,
     eval_subset,
     float_setting,
     int_setting,
-    learning_rate,
     load_checkpoint,
-    partial_path,
     seeded,
+)
+from trifle.models.training_loop import (
+    TrainingJob,
+    optimizer_step,
+    run_training,
+    save_final,
+    shuffled_batches,
 )
 
 CHECKPOINT_FORMAT = "trifle-gpt/1"
@@ -128,16 +132,9 @@ def model_config(cfg: Mapping[str, Any], obs_dim: int, act_dim: int, vocab_size:
     )
 
 
-def _make_optimizer(model: TrajectoryGPT, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
-    """AdamW with weight decay on linear/head weights only (TT: no decay on biases, norms, embeddings)."""
-    decay = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    decay.add("head_weight")
-    params = dict(model.named_parameters())
-    groups = [
-        {"params": [p for n, p in params.items() if n in decay], "weight_decay": cfg["weight_decay"]},
-        {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]))
+def make_optimizer(model: TrajectoryGPT, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    """TT's grouping: the per-column output head is a bare parameter, not a Linear, but it decays too."""
+    return adamw(model, cfg, also_decay=("head_weight",))
 
 
 def _fingerprint(tokens: np.ndarray, episode_starts: np.ndarray, episode_terminal: np.ndarray) -> dict:
@@ -153,7 +150,7 @@ def _fingerprint(tokens: np.ndarray, episode_starts: np.ndarray, episode_termina
     }
 
 
-def _train_step(
+def train_step(
     model: TrajectoryGPT,
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -161,18 +158,11 @@ def _train_step(
     grad_clip: float,
     dropout_seed: int,
 ) -> float:
-    """One AdamW step on ``batch``; dropout masks come from ``dropout_seed`` so a resume replays them."""
+    """One update on TT's action-weighted loss: the unit of work of training and of the GPU timings."""
     device = model.head_bias.device
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with seeded(dropout_seed, device):
-        loss = model.loss(*(t.to(device) for t in batch))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.item()
+    return optimizer_step(
+        model, optimizer, lambda: model.loss(*(t.to(device) for t in batch)), lr, grad_clip, dropout_seed
+    )
 
 
 def train_gpt(
@@ -198,9 +188,6 @@ def train_gpt(
     Returns the metrics dict also stored in the checkpoint.
     """
     cfg = resolve_config(cfg)
-    out_path = Path(out_path)
-    partial = partial_path(out_path)
-    dev = torch.device(device)
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] != obs_dim + act_dim + 2:
         raise ConfigError(
@@ -213,82 +200,52 @@ def train_gpt(
     train_windows = TransitionWindows(*window_args, train_ids)
     valid_windows = TransitionWindows(*window_args, valid_ids)
     total_steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(train_windows) / cfg["batch_size"])
-    identity = {"seed": int(seed), "data": _fingerprint(tokens, episode_starts, episode_terminal), "cfg": cfg}
-
-    with seeded(derived_seed(seed, 0), dev):
+    data = _fingerprint(tokens, episode_starts, episode_terminal)
+    with seeded(derived_seed(seed, 0), torch.device(device)):
         model = TrajectoryGPT(mcfg)
-    model.to(dev)
-    optimizer = _make_optimizer(model, cfg)
-    state = {"step": 0, "history": [], "loss_sum": 0.0, "loss_count": 0, "seconds": 0.0}
-    if partial.exists():
-        saved = load_checkpoint(partial, dev, "GPT")
-        check_partial(
-            partial, saved, identity, partial_format=PARTIAL_FORMAT, resume_free_keys=_RESUME_FREE_KEYS
-        )
-        model.load_state_dict(saved["state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = {k: saved[k] for k in state}
-
-    def save_partial() -> None:
-        with atomic_path(partial) as tmp:
-            payload = {"format": PARTIAL_FORMAT, **identity, "state_dict": cpu_state(model)}
-            torch.save({**payload, "optimizer": optimizer.state_dict(), **state}, tmp)
-
     train_eval = eval_subset(len(train_windows), cfg["eval_windows"])
     valid_eval = eval_subset(len(valid_windows), cfg["eval_windows"])
 
     def evaluate() -> dict[str, float]:
-        count = state["loss_count"]
-        record = {
-            "step": state["step"],
-            "train_loss": state["loss_sum"] / count if count else float("nan"),
+        return {
             "train_ll_per_token": model.mean_log_likelihood(train_windows.iter_batches(train_eval, 256)),
             "heldout_ll_per_token": model.mean_log_likelihood(valid_windows.iter_batches(valid_eval, 256)),
         }
-        state["history"].append(record)
-        state["loss_sum"], state["loss_count"] = 0.0, 0
-        return record
 
-    began = time.perf_counter()
-    steps_this_call, heldout = 0, "?"
-    model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], desc="gpt", disable=not progress, dynamic_ncols=True)
-    with bar:
-        while state["step"] < total_steps:
-            if stop_after is not None and steps_this_call >= stop_after:
-                state["seconds"] += time.perf_counter() - began
-                save_partial()
-                return {"completed": False, "steps": state["step"], "seconds": state["seconds"]}
-            step = state["step"]
-            batch = train_windows.get(batch_indices(seed, step, cfg["batch_size"], len(train_windows)))
-            lr = learning_rate(cfg, step, total_steps)
-            loss = _train_step(model, optimizer, batch, lr, cfg["grad_clip"], derived_seed(seed, 2, step))
-            state["step"], steps_this_call = step + 1, steps_this_call + 1
-            state["loss_sum"] += loss
-            state["loss_count"] += 1
-            bar.update(1)
-            if cfg["eval_every"] and state["step"] % cfg["eval_every"] == 0 and state["step"] < total_steps:
-                heldout = f"{evaluate()['heldout_ll_per_token']:.3f}"
-            bar.set_postfix(loss=f"{loss:.3f}", heldout_ll=heldout, refresh=False)
-            if cfg["checkpoint_every"] and state["step"] % cfg["checkpoint_every"] == 0:
-                state["seconds"] += time.perf_counter() - began
-                began = time.perf_counter()
-                save_partial()
-
-    final = evaluate()  # the loop skips evaluating at the last step, so this record is never a duplicate
-    state["seconds"] += time.perf_counter() - began
+    job = TrainingJob(
+        kind="GPT",
+        model=model,
+        make_optimizer=make_optimizer,
+        batch=shuffled_batches(train_windows, seed, cfg["batch_size"]),
+        step=train_step,
+        evaluate=evaluate,
+        shown_score=("heldout_ll", "heldout_ll_per_token"),
+        data=data,
+        partial_format=PARTIAL_FORMAT,
+        resume_free_keys=_RESUME_FREE_KEYS,
+    )
+    run = run_training(
+        job,
+        cfg,
+        seed=seed,
+        total_steps=total_steps,
+        out_path=out_path,
+        device=device,
+        progress=progress,
+        stop_after=stop_after,
+    )
+    if not run.completed:
+        return run.stopped_metrics()
     metrics = {
         "completed": True,
-        "train_loss": final["train_loss"],
-        "train_ll_per_token": final["train_ll_per_token"],
-        "heldout_ll_per_token": final["heldout_ll_per_token"],
+        **run.final_scores,  # train_loss, train_ll_per_token, heldout_ll_per_token
         "steps": total_steps,
-        "seconds": state["seconds"],
+        "seconds": run.seconds,
         "num_params": model.num_params(),
         "tokens_per_step": cfg["batch_size"] * mcfg.block_size,
         "num_train_windows": len(train_windows),
         "num_heldout_windows": len(valid_windows),
-        "history": state["history"],
+        "history": run.history,
     }
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -297,15 +254,9 @@ def train_gpt(
         "seed": int(seed),
         "state_dict": cpu_state(model),
         "metrics": metrics,
-        "data": {
-            **identity["data"],
-            "train_episodes": train_ids.tolist(),
-            "heldout_episodes": valid_ids.tolist(),
-        },
+        "data": {**data, "train_episodes": train_ids.tolist(), "heldout_episodes": valid_ids.tolist()},
     }
-    with atomic_path(out_path) as tmp:
-        torch.save(checkpoint, tmp)
-    partial.unlink(missing_ok=True)
+    save_final(out_path, checkpoint)
     return metrics
 
 

@@ -1,5 +1,6 @@
 """What the GPT and Decision Transformer trainers share: setting checks, seed-derived randomness,
-the learning-rate schedule, and resumable checkpoints.
+the learning-rate schedule, the optimizer's parameter groups, and resumable checkpoints. The loop that
+puts these together is ``training_loop``.
 
 Reproducibility is by construction: the init, the minibatch of step ``t`` and its dropout masks are
 functions of ``(seed, t)``, so a run resumed from ``<out_path>.partial.pt`` replays exactly the steps
@@ -84,6 +85,24 @@ def learning_rate(cfg: Mapping[str, Any], step: int, total_steps: int) -> float:
     progress = min(1.0, (step - cfg["warmup_steps"]) / span)
     floor = cfg["min_lr_fraction"]
     return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def adamw(
+    model: torch.nn.Module, cfg: Mapping[str, Any], also_decay: Collection[str] = ()
+) -> torch.optim.AdamW:
+    """AdamW decaying only linear-layer weights (and ``also_decay``), as minGPT, TT and DT do.
+
+    Pulling biases, norm gains and embeddings toward zero only hurts; ``cfg`` gives ``learning_rate``,
+    ``betas`` and ``weight_decay``.
+    """
+    decay = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    decay.update(also_decay)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in params.items() if n in decay], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]))
 
 
 def eval_subset(num_windows: int, limit: int) -> np.ndarray:

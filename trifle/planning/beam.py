@@ -1,4 +1,4 @@
-"""Trajectory Transformer's beam search (notes §1.6), batched over many environments at once.
+"""Trajectory Transformer's beam search (docs/paper.md#beam-search), batched over many environments at once.
 
 Every environment has its own ``N`` beams; rows are laid out environment-major (row ``e * n + j``), so
 "top N per environment" is a reshape and a sort. Per planning step t (H steps):

@@ -136,7 +136,7 @@ def value_distribution(
 
 
 def kept_bins(value_probs: torch.Tensor, top_ratio: float, rule: str = "mass") -> torch.Tensor:
-    """The adaptive threshold of Trifle's proposal (notes §1.4): which levels count as "good", as weights.
+    """The adaptive threshold of Trifle's proposal (docs/paper.md#adaptive-threshold): which levels count as "good", as weights.
 
     Levels are in ascending order. Let q be the (1 - top_ratio)-quantile level of p(G | ...), the
     first level whose CDF >= 1 - top_ratio. Three rules (``planner.value_threshold``):
@@ -328,7 +328,7 @@ def expected_multistep_value(
 
     ``obs`` [B, obs_dim] and ``actions`` [B, H, act_dim] are tokens, H <= window; the result is [B]
     (float64). Intermediate states, and actions after the plan, are marginalised exactly. ``V_h`` is TT's
-    value token, the discounted return after r_h (notes §1.5, Algorithm 3). A reward or value in the pad
+    value token, the discounted return after r_h (docs/paper.md#multi-step-value, Algorithm 3). A reward or value in the pad
     category (the episode ended) counts as 0. Rows with the same state and plan are queried once.
 
     ``form="survival"`` (default, ``planner.multistep_value``)::

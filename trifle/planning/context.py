@@ -2,7 +2,7 @@
 
 A prefix is the last ``max_context_transitions`` executed transitions followed by the current
 observation's tokens, ``[s a r V]*n s``, left-aligned at position 0 (the GPT's positions are absolute,
-so the sequence must start at a transition boundary). As in TT (notes §2.3), a past transition's value
+so the sequence must start at a transition boundary). As in TT (docs/paper.md#tokens-and-labels), a past transition's value
 token is a placeholder: TT writes VALUE_PLACEHOLDER = 1e6 and the discretizer clips it to the top bin,
 so here it is the value column's top bin directly.
 

@@ -178,3 +178,22 @@ class DTPolicy:
         self._return_to_go[ids] -= np.asarray(rewards, np.float64).reshape(len(ids))
         self._timestep[ids] += 1
         self._pending[ids] = False
+
+
+def dt_target_returns(cfg: Mapping[str, Any]) -> list[float]:
+    """DT's conditioning targets: ``planner.target_return`` (a number or a list) when set, else the
+    task's ``dt_target_returns`` list."""
+    target = cfg["planner"].get("target_return")
+    if target is not None:
+        return parse_target_returns(target, "planner.target_return")
+    if cfg["task"].get("dt_target_returns") is None:
+        raise ConfigError("task.dt_target_returns: no target return set (nor planner.target_return)")
+    return parse_target_returns(cfg["task"]["dt_target_returns"], "task.dt_target_returns")
+
+
+def dt_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[float, DTPolicy]]:
+    """The registry's policy function of DT: one policy per conditioning target, sharing the checkpoint
+    ``paths.dt`` (loaded once). The evaluate stage runs every target on the same episodes."""
+    targets = dt_target_returns(cfg)
+    model, meta = load_dt(cfg["paths"]["dt"], device=device)
+    return [(t, DTPolicy(model, meta, t, device, sample=cfg["planner"]["sample"])) for t in targets]

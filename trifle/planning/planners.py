@@ -6,9 +6,9 @@ All three run TT's beam search (trifle.planning.beam) on the same GPT; they diff
 method     first-step action proposal                       value of a candidate plan
 ========== ================================================ ==========================================
 tt         p_GPT(a^i | ...)                                 GPT: Σ γ^τ E[r_τ] + γ^{t+1} E[V_t]
-trifle-s   p_GPT(a^i | ...) · p_PC(G_t in top | s, a^{<=i}) GPT, as tt (the released code, notes §1.6)
+trifle-s   p_GPT(a^i | ...) · p_PC(G_t in top | s, a^{<=i}) GPT, as tt (the released code, docs/paper.md#beam-search)
 trifle-m   same correction as trifle-s                      circuit: Σ γ^h S_h E[r_h] + γ^H S_{H-1}
-                                                            E[V_{H-1}] over the K-window (§1.5)
+                                                            E[V_{H-1}] over the K-window (docs/paper.md#multi-step-value)
 ========== ================================================ ==========================================
 
 Three semantic choices have a config key each, so that each form can be measured against the other:
@@ -81,6 +81,9 @@ BEAM_KEYS = (
 #: Keys only the Trifle methods have (``multistep_value``: trifle-m only).
 TRIFLE_KEYS = ("top_ratio", "value_threshold", "correction_target")
 TRIFLE_M_KEYS = ("multistep_value",)
+#: Keys a planner config may carry that are not planner settings: the method registry's block
+#: (trifle.planning.methods), read by the workflow and the tables.
+OPTIONAL_KEYS = ("registry",)
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
     allowed = BEAM_KEYS + (TRIFLE_KEYS if method in TRIFLE_METHODS else ())
     allowed += TRIFLE_M_KEYS if method == "trifle-m" else ()
     for key in cfg:
-        if key not in allowed:
+        if key not in allowed + OPTIONAL_KEYS:
             raise ConfigError(
                 f"planner.{key}: not a key of method {method!r}; valid keys: {', '.join(allowed)}"
             )
@@ -198,7 +201,7 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
 
 
 class CircuitProposal:
-    """Eq. 2 with an adaptive value threshold (notes §1.4, §1.7), for the first planning step.
+    """Eq. 2 with an adaptive value threshold (docs/paper.md#adaptive-threshold, docs/paper.md#released-proposal), for the first planning step.
 
     For action dimension i: p(a^i = c) ∝ p_GPT(a^i = c | ...) · p_PC(G in kept | s_t, a^{<i}, a^i = c),
     where G is the correction target (circuit_queries.CorrectionTarget: the return-to-go or V_t) and
@@ -525,3 +528,41 @@ def build_planner(
         constraint=constraint,
         device=device,
     )
+
+
+def beam_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[None, BeamPlanner]]:
+    """The registry's policy function of the beam planners (tt, trifle-s, trifle-m and their constrained
+    variants): one planner, no conditioning target, from ``paths.tokens``, ``paths.gpt`` and (Trifle)
+    ``paths.pc``."""
+    from trifle.data.tokens import load_tokens
+
+    planner, paths = cfg["planner"], cfg["paths"]
+    tokens = load_tokens(paths["tokens"])
+    check_env_dims(cfg["task"]["env"], tokens.obs_dim, tokens.act_dim, paths["tokens"])
+    policy = build_planner(
+        planner,
+        gpt_path=paths["gpt"],
+        circuit_path=paths.get("pc") if planner["method"] in TRIFLE_METHODS else None,
+        tokens=tokens,
+        circuit_window=cfg["task"]["pc_window"],
+        discount=cfg["task"]["labels"]["discount"],
+        constraint=cfg["task"]["action_constraint"],
+        device=device,
+    )
+    return [(None, policy)]
+
+
+def check_env_dims(env_name: str, obs_dim: int, act_dim: int, path: str) -> None:
+    """A model trained on another Gym-MuJoCo environment's data must not be rolled out in this one."""
+    from trifle.envs.mujoco import MUJOCO_ENVS, VectorMujocoEnv
+    from trifle.errors import CheckpointError
+
+    if env_name not in MUJOCO_ENVS:
+        return
+    env = VectorMujocoEnv(env_name, 1, 0)
+    env.close()
+    if (obs_dim, act_dim) != (env.obs_dim, env.act_dim):
+        raise CheckpointError(
+            f"{path}: data has obs_dim={obs_dim}, act_dim={act_dim}, but task.env="
+            f"{env_name!r} has obs_dim={env.obs_dim}, act_dim={env.act_dim}"
+        )

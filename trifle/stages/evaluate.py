@@ -4,6 +4,8 @@ Every check that can fail (planner settings against the trained models, checkpoi
 data and the environment, the action constraint against the discretizer) runs while the policy is
 built, before the first episode starts.
 
+The method's policies come from the policy function its registry entry names
+(trifle.planning.methods); this module names no method. A return-conditioned policy such as
 Decision Transformer is evaluated once per conditioning target (``planner.target_return``, or the
 task's ``dt_target_returns``), every target on the same episode budget and the same environment seeds,
 so episode i of every target (and of every other method) starts from the same state and sees the same
@@ -22,18 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from trifle.data.tokens import TokenData, load_tokens
-from trifle.envs import make_mdp
-from trifle.envs.mujoco import MUJOCO_ENVS, VectorMujocoEnv, normalized_score
-from trifle.errors import CheckpointError, ConfigError
-from trifle.evaluation.rollout import EnvFactory, EpisodeResults, evaluate_policy, tabular_factory
+from trifle.devices import resolve_device
+from trifle.envs.mujoco import MUJOCO_ENVS, normalized_score
+from trifle.evaluation.rollout import EpisodeResults, env_factory, evaluate_policy
 from trifle.io import write_json
-from trifle.models.dt_training import load_dt
 from trifle.planning.constraints import parse_constraint
-from trifle.planning.dt_policy import DTPolicy, parse_target_returns
-from trifle.planning.planners import build_planner
+from trifle.planning.methods import method
 from trifle.planning.policy import Policy
-from trifle.stages.devices import resolve_device
 
 
 def is_mujoco(cfg: dict[str, Any]) -> bool:
@@ -41,69 +38,10 @@ def is_mujoco(cfg: dict[str, Any]) -> bool:
     return cfg["task"]["env"] in MUJOCO_ENVS
 
 
-def dt_target_returns(cfg: dict[str, Any]) -> list[float]:
-    """DT's conditioning targets: ``planner.target_return`` (a number or a list) when set, else the
-    task's ``dt_target_returns`` list."""
-    target = cfg["planner"].get("target_return")
-    if target is not None:
-        return parse_target_returns(target, "planner.target_return")
-    if cfg["task"].get("dt_target_returns") is None:
-        raise ConfigError("task.dt_target_returns: no target return set (nor planner.target_return)")
-    return parse_target_returns(cfg["task"]["dt_target_returns"], "task.dt_target_returns")
-
-
 def build_policies(cfg: dict[str, Any], device: str) -> list[tuple[float | None, Policy]]:
-    """The evaluated method's policies with their DT target: one per target for DT (the checkpoint is
-    loaded once), else the one beam planner (tt, trifle-s, trifle-m, safe variants) with target None."""
-    planner = cfg["planner"]
-    if planner["method"] == "dt":
-        targets = dt_target_returns(cfg)
-        model, meta = load_dt(cfg["paths"]["dt"], device=device)
-        return [(t, DTPolicy(model, meta, t, device, sample=planner["sample"])) for t in targets]
-    return [(None, build_policy(cfg, device))]
-
-
-def build_policy(cfg: dict[str, Any], device: str) -> Policy:
-    """A beam planner (tt, trifle-s, trifle-m, safe variants); DT goes through :func:`build_policies`."""
-    planner, paths = cfg["planner"], cfg["paths"]
-    if planner["method"] == "dt":
-        raise ConfigError("planner.method=dt: build DT's policies with build_policies (one per target)")
-    tokens = load_tokens(paths["tokens"])
-    _check_env_dims(cfg, tokens, paths["tokens"])
-    return build_planner(
-        planner,
-        gpt_path=paths["gpt"],
-        circuit_path=paths["pc"] if planner["method"] != "tt" else None,
-        tokens=tokens,
-        circuit_window=cfg["task"]["pc_window"],
-        discount=cfg["task"]["labels"]["discount"],
-        constraint=cfg["task"]["action_constraint"],
-        device=device,
-    )
-
-
-def _check_env_dims(cfg: dict[str, Any], tokens: TokenData, path: str) -> None:
-    """A model trained on another environment's data must not be rolled out here."""
-    if not is_mujoco(cfg):
-        return
-    env = VectorMujocoEnv(cfg["task"]["env"], 1, 0)
-    env.close()
-    if (tokens.obs_dim, tokens.act_dim) != (env.obs_dim, env.act_dim):
-        raise CheckpointError(
-            f"{path}: data has obs_dim={tokens.obs_dim}, act_dim={tokens.act_dim}, but task.env="
-            f"{cfg['task']['env']!r} has obs_dim={env.obs_dim}, act_dim={env.act_dim}"
-        )
-
-
-def env_factory(cfg: dict[str, Any]) -> EnvFactory:
-    """The task's vectorised environment; eval.max_episode_steps shortens episodes (smoke runs)."""
-    limit = cfg["eval"]["max_episode_steps"]
-    name = cfg["task"]["env"]
-    if is_mujoco(cfg):
-        steps = 1000 if limit is None else int(limit)
-        return lambda num_envs, seed: VectorMujocoEnv(name, num_envs, seed, max_episode_steps=steps)
-    params = {} if limit is None else {"max_episode_steps": int(limit)}
-    return tabular_factory(make_mdp(name, **params))
+    """The evaluated method's policies with their conditioning target (None for a planner), built by the
+    policy function its registry entry names (trifle.planning.methods)."""
+    return method(cfg["planner"]["name"]).policy_function()(cfg, device)
 
 
 def _outcome(cfg: dict[str, Any], results: EpisodeResults) -> dict[str, Any]:
@@ -170,10 +108,10 @@ def run(cfg: dict[str, Any]) -> Path:
         "constrained": bool(planner.get("constrained", False)),
         "constraint": cfg["task"]["action_constraint"],
         **outcomes[best],
-        "planner": planner,
+        "planner": {k: v for k, v in planner.items() if k != "registry"},
         "eval": ev,
     }
-    if planner["method"] == "dt":
+    if policies[best][0] is not None:  # a return-conditioned policy (DT): one rollout per target
         record["target_return"] = policies[best][0]
         record["target_selection"] = (
             "best mean return over these evaluation episodes (the paper's protocol; optimistic)"

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from trifle.errors import DataError
-from trifle.evaluation.summary import SUMMARY_COLUMNS, load_evaluation, plot_returns, summarize
-from trifle.stages.tables import write_table
+from trifle.evaluation.summary import load_evaluation, plot_returns, summarize, write_summary
 
 
 def run(cfg: dict[str, Any]) -> Path:
@@ -16,6 +15,6 @@ def run(cfg: dict[str, Any]) -> Path:
         raise DataError("paths.eval_files is empty: expected the evaluation files to summarize")
     rows = summarize([load_evaluation(p) for p in paths])
     out = Path(cfg["paths"]["summary_table"])
-    write_table(out, rows, SUMMARY_COLUMNS)
+    write_summary(out, rows)
     plot_returns(rows, Path(cfg["paths"]["returns_figure"]))
     return out

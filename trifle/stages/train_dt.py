@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from trifle.data.labels import load_labeled
+from trifle.devices import resolve_device
 from trifle.models.dt_training import train_dt
-from trifle.stages.devices import resolve_device
-from trifle.stages.tables import write_model_metrics
+from trifle.models.metrics import write_model_metrics
 
 
 def run(cfg: dict[str, Any]) -> Path:

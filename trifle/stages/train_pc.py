@@ -13,7 +13,7 @@ from trifle.data.windows import split_episodes
 from trifle.models.circuits.backend import load_circuit
 from trifle.models.circuits.diagnostics import circuit_diagnostics
 from trifle.models.circuits.training import train_circuit
-from trifle.stages.tables import write_model_metrics
+from trifle.models.metrics import write_model_metrics
 
 
 def run(cfg: dict[str, Any]) -> Path:

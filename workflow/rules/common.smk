@@ -5,6 +5,7 @@ from snakemake.utils import validate
 
 from trifle.config import available, compose, stage_overrides, stage_slice
 from trifle.fingerprint import code_fingerprint
+from trifle.planning.methods import method
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -40,6 +41,8 @@ for _task in config["tasks"]:
             f"workflow config 'methods' of task {_task}: unknown method(s) {_unknown_methods}; expected "
             f"names from trifle/conf/planner: {', '.join(available('planner'))}"
         )
+    for _method in task_settings(_task)["methods"]:
+        method(_method)  # its registry block, checked at DAG build
 
 
 def is_mujoco(task):
@@ -72,7 +75,8 @@ def stage_config(stage):
     """params function: the plain-dict slice of the composed config that `stage` reads.
 
     Snakemake compares params between runs, so a changed hyperparameter reruns exactly the jobs whose
-    stage reads it (notes: plain dicts only; DictConfig objects are not compared).
+    stage reads it (plain dicts only: Snakemake silently leaves DictConfig objects out of the comparison;
+    docs/workflow.md).
     """
 
     def params(wildcards):
@@ -95,6 +99,22 @@ def code(stage):
     return code_fingerprint(f"trifle.stages.{stage}")
 
 
+def method_registry(wildcards):
+    """params of the table rules: every method's registry entry (labels, order, tables), which the
+    tables read from the planner files; a relabelled method reruns the tables and nothing else."""
+    import dataclasses
+
+    from trifle.planning.methods import available_methods
+
+    return {m: dataclasses.asdict(method(m)) for m in available_methods()}
+
+
+def evaluate_code(wildcards):
+    """The evaluate stage's fingerprint with the module of the method's policy function, which the
+    stage loads by name (the import walk cannot see it): editing one method reruns only its jobs."""
+    return code_fingerprint("trifle.stages.evaluate", method(wildcards.method).module)
+
+
 def training_gpus(wildcards):
     return config.get("gpus_per_training_job", 0)
 
@@ -108,9 +128,23 @@ def hours(n):
     return runtime
 
 
+# The files behind each input a method's registry entry can need (trifle.planning.methods.INPUTS).
+INPUT_FILES = {
+    "tokens": "data/tokens/{task}.npz",
+    "labeled": "data/labeled/{task}.npz",
+    "gpt": "results/checkpoints/{task}/gpt/seed{seed}.pt",
+    "pc": "results/checkpoints/{task}/pc/seed{seed}.jpc",
+    "dt": "results/checkpoints/{task}/dt/seed{seed}.pt",
+}
+# The inputs that are trained models (their jobs write results/checkpoints/).
+TRAINED = tuple(k for k, f in INPUT_FILES.items() if f.startswith("results/checkpoints/"))
+
+
 def trained_models(task):
-    """Models the task's methods need: the GPT and circuit always, DT when it is evaluated."""
-    return ["gpt", "pc"] + (["dt"] if "dt" in task_settings(task)["methods"] else [])
+    """Models the task trains: the GPT and circuit always (the models table reports them), plus any
+    other model a configured method needs (its registry entry)."""
+    needed = {need for m in task_settings(task)["methods"] for need in method(m).needs}
+    return [m for m in TRAINED if m in ("gpt", "pc") or m in needed]
 
 
 def model_metrics(wildcards):
@@ -152,16 +186,9 @@ def final_targets():
 
 
 def evaluation_inputs(wildcards):
-    """The checkpoints a method plans with (named as the `paths.*` keys the evaluate stage reads)."""
-    ckpt = "results/checkpoints/{task}/{model}/seed{seed}.{ext}"
+    """The inputs a method plans with, named as the `paths.*` keys the evaluate stage reads."""
     fill = dict(task=wildcards.task, seed=wildcards.seed)
-    method = compose(hydra_overrides(wildcards))["planner"]["method"]
-    if method == "dt":
-        return {"labeled": f"data/labeled/{wildcards.task}.npz", "dt": ckpt.format(model="dt", ext="pt", **fill)}
-    inputs = {"tokens": f"data/tokens/{wildcards.task}.npz", "gpt": ckpt.format(model="gpt", ext="pt", **fill)}
-    if method != "tt":
-        inputs["pc"] = ckpt.format(model="pc", ext="jpc", **fill)
-    return inputs
+    return {need: INPUT_FILES[need].format(**fill) for need in method(wildcards.method).needs}
 
 
 def path_overrides(wildcards, input):

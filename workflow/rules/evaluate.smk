@@ -34,7 +34,7 @@ rule evaluate:
         "logs/evaluate/{task}/{method}/seed{seed}.log",
     params:
         cfg=stage_config("evaluate"),
-        code=code("evaluate"),
+        code=evaluate_code,
         overrides=cli_overrides("evaluate"),
         paths=path_overrides,
     threads: 1

@@ -47,6 +47,7 @@ rule summary:
         "logs/summary.log",
     params:
         code=code("summary"),
+        methods=method_registry,
         files=file_list,
     localrule: True
     threads: 1
@@ -89,6 +90,7 @@ rule mujoco_tables:
         "logs/mujoco_tables.log",
     params:
         code=code("mujoco_tables"),
+        methods=method_registry,
         files=file_list,
     localrule: True
     threads: 1

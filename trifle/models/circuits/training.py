@@ -283,7 +283,7 @@ def _pow2_chunks(n: int) -> list[int]:
     return sizes
 
 
-def _pyjuice_epoch(pc, batches: list[torch.Tensor], pseudocount: float, device) -> float:
+def pyjuice_epoch(pc, batches: list[torch.Tensor], pseudocount: float, device) -> float:
     """Accumulate flows over all batches (split by :func:`_pow2_chunks`), then one EM update."""
     pc.init_param_flows(flows_memory=0.0)
     total = 0.0
@@ -317,7 +317,7 @@ def _train_pyjuice(
         range(start, epochs), desc="EM epochs", disable=not progress, initial=start, total=epochs
     ):
         t0 = time.perf_counter()
-        ll = _pyjuice_epoch(pc, batches, pseudocount, device)
+        ll = pyjuice_epoch(pc, batches, pseudocount, device)
         torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_ll_per_var": ll / train.size(1), "seconds": seconds})

@@ -1,4 +1,4 @@
-"""Device choice shared by the training stages."""
+"""Device choice shared by training and evaluation (and the benchmarks): one rule for `auto` and `cuda`."""
 
 from __future__ import annotations
 
