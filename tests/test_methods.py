@@ -53,7 +53,7 @@ def _write(root: Path, name: str, text: str) -> None:
             "registry.policy",
         ),
         (
-            "name: m\nregistry: {policy: a:b, needs: [critic], label: M, order: 1, tables: [summary], reference: false}\n",
+            "name: m\nregistry: {policy: a:b, needs: [q_table], label: M, order: 1, tables: [summary], reference: false}\n",
             "registry.needs",
         ),
         (

@@ -39,9 +39,18 @@ def test_default_target_writes_the_models_table(produced):
         rows = list(csv.DictReader(fh))
     assert {(r["task"], r["model"]) for r in rows} == {
         (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("gpt", "pc", "dt")
-    } | {("hopper-random-local", "gpt"), ("hopper-random-local", "pc")}
+    } | {("hopper-random-local", "gpt"), ("hopper-random-local", "pc")} | {
+        (t, "critic")
+        for t in ("taxi-stochastic", "hopper-random-local")  # where tt-q runs
+    }
     for row in rows:
-        assert float(row["heldout_ll_per_token"]) < 0 and float(row["train_seconds"]) > 0
+        assert float(row["train_seconds"]) > 0
+        # A critic models no tokens: no log-likelihood (null in its metrics file).
+        assert (
+            row["heldout_ll_per_token"] == ""
+            if row["model"] == "critic"
+            else float(row["heldout_ll_per_token"]) < 0
+        )
     assert (project / "results" / "tables" / "models.md").read_text().startswith("| task |")
 
 
@@ -51,7 +60,7 @@ def test_summary_has_every_method_and_a_figure(produced):
         rows = list(csv.DictReader(fh))
     assert {(r["task"], r["method"]) for r in rows} == {
         (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("dt", "tt", "trifle-s", "trifle-m")
-    }
+    } | {("taxi-stochastic", "tt-q"), ("taxi-stochastic", "trifle-s-q")}
     for row in rows:
         assert int(row["n_episodes"]) == 6 and 0.0 <= float(row["failure_rate"]) <= 1.0
         assert float(row["step_seconds"]) > 0
@@ -66,7 +75,7 @@ def test_mujoco_tables_score_every_method_and_the_constrained_ones_never_violate
         rows = {r["method"]: r for r in csv.DictReader(fh)}
     with open(tables / "safe_rl.csv") as fh:
         safe = {r["method"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {"tt", "trifle-s"} and set(safe) == {"tt-safe", "trifle-s-safe"}
+    assert set(rows) == {"tt", "trifle-s", "tt-q", "trifle-s-q"} and set(safe) == {"tt-safe", "trifle-s-safe"}
     for row in [*rows.values(), *safe.values()]:
         assert row["task"] == "hopper-random-local" and row["n_seeds"] == "1"
         assert -5.0 < float(row["score_mean"]) < 20.0 and float(row["step_seconds"]) > 0
@@ -106,9 +115,9 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         project / "results" / "tables" / "summary.csv",
         project / "results" / "tables" / "mujoco.csv",
     ]
-    # data: raw, labeled, tokens (3 tasks); checkpoints: gpt, dt, pc (toy tasks), gpt, pc (hopper);
-    # models table; 8 toy and 4 hopper evaluations; summary; MuJoCo tables.
-    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 1 + 12 + 1 + 1
+    # data: raw, labeled, tokens (3 tasks); checkpoints: gpt, dt, pc (toy tasks), gpt, pc (hopper), critic
+    # (taxi, hopper); models table; 10 toy and 6 hopper evaluations; summary; MuJoCo tables.
+    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 2 + 1 + 16 + 1 + 1
     for output in outputs:
         info = Path(f"{output}.run.json")
         assert info.is_file(), output
@@ -122,6 +131,7 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         "mujoco_tables.log",
         "summary.log",
         "tokens",
+        "train_critic",
         "train_dt",
         "train_gpt",
         "train_pc",
@@ -142,10 +152,10 @@ def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
     for name in ("data", "results", ".snakemake"):
         run(["cp", "-a", str(project / name), str(changed / name)], produced["root"])
     counts = job_counts(snakemake(changed, "-n").stdout)
-    # The circuit feeds only the Trifle methods' evaluations, not tt, tt-safe or dt.
+    # The circuit feeds only the Trifle methods' evaluations, not tt, tt-safe, tt-q or dt.
     assert counts == {
         "train_pc": 3,
-        "evaluate": 4 + 2,
+        "evaluate": 5 + 3,
         "models_table": 1,
         "summary": 1,
         "mujoco_tables": 1,

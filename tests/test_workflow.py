@@ -6,7 +6,7 @@ import pytest
 
 from workflow_support import REPO, copy_project, job_counts, snakemake
 
-GPU_RULES = ("train_gpt", "train_pc", "train_dt", "evaluate")
+GPU_RULES = ("train_gpt", "train_pc", "train_dt", "train_critic", "evaluate", "evaluate_ablation")
 
 
 def test_lint_is_clean():
@@ -53,8 +53,11 @@ def test_paper_dry_run_has_every_job_with_gpu_resources(paper_dry_run):
     # 4 toy tasks x 3 seeds; 9 Gym-MuJoCo datasets x 12 seeds.
     assert counts["dataset"] == 13 and counts["train_gpt"] == 4 * 3 + 9 * 12 and counts["train_pc"] == 120
     assert counts["train_dt"] == 12
-    # Toy: 4 methods; MuJoCo: tt and trifle-s on 9 datasets, tt-safe and trifle-s-safe on 3.
-    assert counts["evaluate"] == 48 + 9 * 12 * 2 + 3 * 12 * 2
+    # One IQL critic per seed where TT(+Q) runs: Taxi (3 seeds) and the 9 MuJoCo datasets (12 seeds).
+    assert counts["train_critic"] == 3 + 9 * 12
+    # Toy: 4 methods (Taxi also tt-q and trifle-s-q); MuJoCo: tt, trifle-s, tt-q and trifle-s-q on 9
+    # datasets, tt-safe and trifle-s-safe on 3.
+    assert counts["evaluate"] == 48 + 2 * 3 + 9 * 12 * 4 + 3 * 12 * 2
     assert counts["mujoco_tables"] == counts["summary"] == counts["models_table"] == 1
     for rule, block in _jobs(paper_dry_run):
         if rule in GPU_RULES:
@@ -90,6 +93,25 @@ def test_paper_mujoco_jobs_use_tt_training_and_the_paper_methods(paper_dry_run):
         "dt",
         "0",
     ) not in evals
+
+
+def test_smoke_dry_run_trains_a_critic_where_tt_q_runs():
+    """The smoke config runs tt-q and trifle-s-q on Taxi and the MuJoCo task: each trains one critic (with
+    the smoke's tiny step count), and their evaluations are given it as paths.critic."""
+    out = snakemake(REPO, "-n", "--forceall", "--configfile", "workflow/config/smoke.yaml").stdout
+    counts = job_counts(out)
+    assert counts["train_critic"] == 2 and counts["evaluate"] == 6 + 4 + 6
+    jobs = _jobs(out)
+    critic = [b for r, b in jobs if r == "train_critic"]
+    assert all("critic.steps=20" in b and "gpt.steps" not in b for b in critic)
+    assert {re.search(r"task=([\w.-]+)", b).group(1) for b in critic} == {
+        "taxi-stochastic",
+        "hopper-random-local",
+    }
+    tt_q = [b for r, b in jobs if r == "evaluate" and "planner=tt-q" in b]
+    assert len(tt_q) == 2 and all("paths.critic=results/checkpoints/" in b for b in tt_q)
+    tt = [b for r, b in jobs if r == "evaluate" and "planner=tt " in b]
+    assert tt and not any("paths.critic" in b or "critic/seed" in b for b in tt)
 
 
 @pytest.mark.parametrize(

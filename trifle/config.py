@@ -15,7 +15,7 @@ from typing import Any
 from trifle.errors import ConfigError
 
 CONF_DIR = Path(__file__).parent / "conf"
-GROUPS = ("task", "gpt", "pc", "dt", "planner", "eval")
+GROUPS = ("task", "gpt", "pc", "dt", "critic", "planner", "eval")
 
 # Which top-level keys (dotted) each stage reads. The paths are excluded on purpose: Snakemake tracks
 # files itself, and a path change must not look like a hyperparameter change.
@@ -26,6 +26,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train_gpt": ("task.name", "gpt", "seed", "device"),
     "train_pc": ("task.name", "pc", "task.pc_window", "task.labels.discount", "seed"),
     "train_dt": ("task.name", "dt", "seed", "device"),
+    "train_critic": ("task.name", "critic", "task.labels.discount", "seed", "device"),
     "evaluate": (
         "task.name",
         "task.env",
@@ -42,6 +43,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "tables": (),
     "summary": (),
     "mujoco_tables": (),
+    "ablation_table": (),
 }
 
 
@@ -162,6 +164,7 @@ def validate(cfg: dict[str, Any]) -> None:
     _validate_gpt(cfg)
     _validate_pc(cfg)
     _validate_dt(cfg)
+    _validate_critic(cfg)
     _validate_planner(cfg)
 
 
@@ -200,7 +203,7 @@ def _validate_planner(cfg: dict[str, Any]) -> None:
     from trifle.planning.methods import method
 
     planner = get(cfg, "planner")
-    method(planner["name"])  # the registry block: one error naming the planner file
+    method(planner["name"]).validate(planner)  # the registry block, then the planner's own key checks
     if planner.get("method") == "dt" and planner.get("target_return") is not None:
         from trifle.planning.dt_policy import parse_target_returns
 
@@ -221,6 +224,13 @@ def _validate_dt(cfg: dict[str, Any]) -> None:
     resolve_config(get(cfg, "dt"))
 
 
+def _validate_critic(cfg: dict[str, Any]) -> None:
+    """The IQL critic's trainer owns its key checks, as the GPT trainer does."""
+    from trifle.models.iql_training import resolve_config
+
+    resolve_config(get(cfg, "critic"))
+
+
 def _validate_pc(cfg: dict[str, Any]) -> None:
     for key in ("num_latents", "epochs", "batch_size"):
         _positive_int(cfg, f"pc.{key}")
@@ -236,3 +246,9 @@ def _validate_pc(cfg: dict[str, Any]) -> None:
     _require(backend in ("auto", "torch", "pyjuice"), "pc.backend", "one of auto, torch, pyjuice", backend)
     structure = get(cfg, "pc.structure")
     _require(structure in ("exact-mi", "pyjuice"), "pc.structure", "one of exact-mi, pyjuice", structure)
+    init = get(cfg, "pc.init")
+    _require(init in ("random", "lvd"), "pc.init", "one of random, lvd", init)
+    lvd = get(cfg, "pc.lvd")
+    _require(isinstance(lvd, dict), "pc.lvd", "a mapping of LVD settings", lvd)
+    for key in lvd:
+        _positive_int(cfg, f"pc.lvd.{key}")

@@ -16,7 +16,8 @@ from trifle.io import atomic_path
 
 
 def format_value(value: Any) -> str:
-    if isinstance(value, float) and value != value:  # NaN: the quantity does not apply
+    """Floats to 4 decimals; NaN and None (the quantity does not apply, e.g. a critic's likelihood) empty."""
+    if value is None or (isinstance(value, float) and value != value):
         return ""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 

@@ -158,13 +158,24 @@ class ActionProposal(Protocol):
 
 
 class PlanValue(Protocol):
-    """Scores candidate plans; larger is better."""
+    """Scores candidate plans; larger is better.
+
+    A hook with a true ``uses_state`` attribute is also given ``state=`` [R, obs_dim], the tokens of the
+    plan's last state s_step (the current observation at step 0, the GPT's sampled one after it; the
+    stop token where the GPT ended the episode): TT(+Q)'s critic value reads Q(s_step, a_step).
+    """
 
     def __call__(
         self, step: int, env_of_row: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor
     ) -> torch.Tensor:
         """Value [R] of plans with ``actions`` [R, step+1, act_dim]; ``rewards`` [R, H+1] holds the
         GPT's r_0..r_step and V_step at positions 0..step+1."""
+
+
+def last_state(stream: GPTStream, spec: TokenSpec) -> torch.Tensor:
+    """Tokens [R, obs_dim] of the last transition's state, read when the stream ends with s, a, r."""
+    end = stream.tokens.size(1) - spec.act_dim - 1
+    return stream.tokens[:, end - spec.obs_dim : end]
 
 
 def gpt_value(discount: float):
@@ -315,7 +326,10 @@ def beam_search(
         stream.feed(_top1(stream.logp, spec.masks[reward_col]))
         rewards[:, t + 1] = expectation(stream.logp, spec.value_values)
         value_token = _top1(stream.logp, spec.masks[value_col])
-        values = value_fn(t, env_of_row, actions, rewards)
+        if getattr(value_fn, "uses_state", False):
+            values = value_fn(t, env_of_row, actions, rewards, state=last_state(stream, spec))
+        else:
+            values = value_fn(t, env_of_row, actions, rewards)
         keep = _top_per_env(values, num_envs, n)
         stream.select(keep)
         env_of_row, rewards, actions, values, value_token = (

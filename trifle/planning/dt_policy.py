@@ -156,6 +156,13 @@ class DTPolicy:
                 torch.from_numpy(self._time[ids, :T]).to(self.device),
             )
         out = pred[torch.arange(len(ids)), torch.from_numpy(last).to(self.device)].float().cpu()
+        return self._choose(ids, obs, out)
+
+    def _choose(self, ids: np.ndarray, obs: np.ndarray, out: torch.Tensor) -> np.ndarray:
+        """Actions from the model's prediction for the newest state ``out`` (``[B, num_actions]`` logits,
+        or ``[B, act_dim]`` continuous actions): the continuous prediction itself, else the argmax, or a
+        draw from the softmax with each environment's own generator. ``obs [B, obs_dim]`` is unused here;
+        a subclass that reshapes DT's distribution (trifle.planning.dt_trifle) overrides this method."""
         if not self.cfg.discrete:
             return out.numpy().astype(np.float32)
         if not self.sample:

@@ -40,7 +40,7 @@ from trifle.errors import ConfigError
 
 PLANNER_DIR = Path(__file__).resolve().parents[1] / "conf" / "planner"
 #: Inputs an evaluate job can be given (the workflow maps each to its file).
-INPUTS = ("tokens", "labeled", "gpt", "pc", "dt")
+INPUTS = ("tokens", "labeled", "gpt", "pc", "dt", "critic")
 TABLES = ("summary", "mujoco", "constrained")
 REGISTRY_KEYS = ("policy", "needs", "label", "order", "tables", "reference")
 
@@ -63,6 +63,14 @@ class Method:
     def module(self) -> str:
         """The module holding the policy function (the evaluate stage's fingerprint includes it)."""
         return self.policy.partition(":")[0]
+
+    def validate(self, planner_cfg: dict[str, Any]) -> None:
+        """Check the planner settings without loading a model, if the policy's module can: its optional
+        ``validate_planner(planner_cfg)``. Config composition runs it, so a bad value fails at DAG build."""
+        module = importlib.import_module(self.module)
+        check = getattr(module, "validate_planner", None)
+        if check is not None:
+            check(planner_cfg)
 
     def policy_function(self) -> Callable[[dict[str, Any], str], list[tuple[float | None, Any]]]:
         module, _, function = self.policy.partition(":")

@@ -11,6 +11,9 @@ trifle-m   same correction as trifle-s                      circuit: Σ γ^h S_h
                                                             E[V_{H-1}] over the K-window (docs/paper.md#multi-step-value)
 ========== ================================================ ==========================================
 
+TT(+Q) (tt-q, trifle-s-q; docs/planning.md#ttq) is ``terminal_value: critic`` on tt or trifle-s: the
+value's last GPT return r_t + γ E[V_t] becomes an offline IQL critic's Q(s_t, a_t) (:class:`CriticValue`).
+
 Three semantic choices have a config key each, so that each form can be measured against the other:
 
 * ``correction_target`` (Trifle methods): G_t is the first transition's return-to-go r_t + gamma V_t
@@ -84,6 +87,11 @@ TRIFLE_M_KEYS = ("multistep_value",)
 #: Keys a planner config may carry that are not planner settings: the method registry's block
 #: (trifle.planning.methods), read by the workflow and the tables.
 OPTIONAL_KEYS = ("registry",)
+#: ``terminal_value`` (optional for every method, default ``gpt``): the value a plan ends with, TT's GPT
+#: value token (``gpt``) or an offline critic's Q of the last planned state and action (``critic``:
+#: TT(+Q), docs/planning.md#ttq). trifle-m's plan value is the circuit's, so it takes ``gpt`` only.
+TERMINAL_VALUES = ("gpt", "critic")
+DEFAULTED_KEYS = {"terminal_value": TERMINAL_VALUES[0]}
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class PlannerSettings:
     value_threshold: str | None = None
     multistep_value: str | None = None
     correction_target: str | None = None
+    terminal_value: str = TERMINAL_VALUES[0]
 
     def beam(self, discount: float) -> BeamSettings:
         return BeamSettings(
@@ -159,9 +168,10 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
     allowed = BEAM_KEYS + (TRIFLE_KEYS if method in TRIFLE_METHODS else ())
     allowed += TRIFLE_M_KEYS if method == "trifle-m" else ()
     for key in cfg:
-        if key not in allowed + OPTIONAL_KEYS:
+        if key not in allowed + OPTIONAL_KEYS + tuple(DEFAULTED_KEYS):
             raise ConfigError(
-                f"planner.{key}: not a key of method {method!r}; valid keys: {', '.join(allowed)}"
+                f"planner.{key}: not a key of method {method!r}; valid keys: "
+                f"{', '.join(allowed + tuple(DEFAULTED_KEYS))}"
             )
     for key in allowed:
         if key not in cfg:
@@ -180,6 +190,16 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
     ):
         if key in allowed and cfg[key] not in choices:
             raise ConfigError(f"planner.{key}: expected one of {', '.join(choices)}, got {cfg[key]!r}")
+    terminal_value = cfg.get("terminal_value", DEFAULTED_KEYS["terminal_value"])
+    if terminal_value not in TERMINAL_VALUES:
+        raise ConfigError(
+            f"planner.terminal_value: expected one of {', '.join(TERMINAL_VALUES)}, got {terminal_value!r}"
+        )
+    if terminal_value == "critic" and method == "trifle-m":
+        raise ConfigError(
+            "planner.terminal_value=critic: trifle-m scores plans with the circuit's multi-step value, "
+            "not with a terminal value; expected gpt"
+        )
     return PlannerSettings(
         method=method,
         beam_width=_int(cfg, "beam_width", 1),
@@ -197,6 +217,7 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         value_threshold=cfg.get("value_threshold"),
         multistep_value=cfg.get("multistep_value"),
         correction_target=cfg.get("correction_target"),
+        terminal_value=terminal_value,
     )
 
 
@@ -283,6 +304,61 @@ class CircuitValue:
         )
 
 
+class CriticValue:
+    """TT(+Q)'s plan value (docs/planning.md#ttq): TT's ``Σ_{h≤t} γ^h r_h + γ^{t+1} V_t`` with the last
+    planned transition's GPT return ``r_t + γ V_t`` replaced by an offline critic's ``Q(s_t, a_t)``:
+
+        value = Σ_{h<t} γ^h E[r_h] + γ^t Q(s_t, a_t)
+
+    at planning step t, the rewards E[r_h] being the GPT's (as in TT) and s_t, a_t the plan's last
+    state and action tokens decoded to environment values with the task's discretizer (each bin's
+    representative). A plan whose s_t is the stop token (the GPT predicts that the episode ended
+    before step t) gets Q = 0 there, as TT counts the stop token's reward and value as 0.
+
+    ``critic.q_value(obs [R, obs_dim], actions [R, act_dim])`` returns Q in environment units (an
+    :class:`trifle.models.iql.IQLCritic`, or any object with that method).
+    """
+
+    uses_state = True  # beam_search passes the last planned state's tokens (beam.PlanValue)
+
+    def __init__(
+        self,
+        critic,
+        discretizer: Discretizer,
+        *,
+        obs_dim: int,
+        act_dim: int,
+        vocab_size: int,
+        discount: float,
+        device: str | torch.device = "cpu",
+    ):
+        self.critic, self.discount, self.stop = critic, float(discount), int(vocab_size)
+        columns = discretizer.columns
+        table = [bin_values(c.values, vocab_size + 1) for c in columns[: obs_dim + act_dim]]
+        self.obs_values = torch.stack(table[:obs_dim]).to(device)  # [obs_dim, V+1], stop -> 0
+        self.act_values = torch.stack(table[obs_dim:]).to(device)  # [act_dim, V+1]
+
+    @staticmethod
+    def _decode(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [R, n] of n columns -> their representative values [R, n] (float64)."""
+        return values.gather(1, tokens.T).T
+
+    def __call__(
+        self,
+        step: int,
+        env_of_row: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        state: torch.Tensor,
+    ) -> torch.Tensor:
+        obs = self._decode(self.obs_values, state)
+        act = self._decode(self.act_values, actions[:, step])
+        q = self.critic.q_value(obs.float(), act.float()).to(rewards)
+        q = torch.where((state == self.stop).any(dim=1), torch.zeros_like(q), q)
+        weights = self.discount ** torch.arange(step, dtype=torch.float64, device=rewards.device)
+        return rewards[:, :step] @ weights + self.discount**step * q
+
+
 class BeamPlanner:
     """A :class:`trifle.planning.policy.Policy` that plans every step with TT's beam search."""
 
@@ -299,6 +375,7 @@ class BeamPlanner:
         circuit_window: int = 1,
         constraint: Sequence[Bound] = (),
         device: str | torch.device = "cpu",
+        critic=None,
     ):
         self.settings, self.model, self.discretizer = settings, model.eval(), discretizer
         self.obs_dim, self.act_dim = obs_dim, act_dim
@@ -322,6 +399,18 @@ class BeamPlanner:
         )
         self.history = TokenHistory(discretizer, obs_dim, act_dim, settings.max_context_transitions)
         self.generator: torch.Generator | None = None
+        # TT(+Q): the plan's terminal value from an offline critic (None: the GPT's, as in TT).
+        self.critic_value = None
+        if settings.terminal_value == "critic":
+            self.critic_value = CriticValue(
+                critic,
+                discretizer,
+                obs_dim=obs_dim,
+                act_dim=act_dim,
+                vocab_size=vocab,
+                discount=discount,
+                device=self.device,
+            )
 
     def reset(self, num_envs: int, seed: int) -> None:
         self.history.reset(num_envs)
@@ -330,7 +419,7 @@ class BeamPlanner:
     def _hooks(self, obs: torch.Tensor):
         method = self.settings.method
         if method == "tt":
-            return None, None
+            return None, self.critic_value
         layout = WindowLayout(self.obs_dim, self.act_dim, self.circuit_window, self.circuit.num_cats)
         value_bins = int(self.discretizer.num_bins[-1])
         soft = None
@@ -346,7 +435,7 @@ class BeamPlanner:
             self.circuit, layout, obs, settings.top_ratio, target, soft, settings.value_threshold
         )
         if method == "trifle-s":
-            return proposal, None
+            return proposal, self.critic_value
         value = CircuitValue(
             self.circuit, obs, self.circuit_window, self.discount, self.discretizer, settings.multistep_value
         )
@@ -392,6 +481,40 @@ def check_circuit(settings: PlannerSettings, *, circuit_window: int, has_circuit
         )
 
 
+def check_critic(settings: PlannerSettings, *, has_critic: bool) -> None:
+    """A critic-valued method (TT(+Q)) needs a critic."""
+    if settings.terminal_value == "critic" and not has_critic:
+        raise ConfigError(
+            f"paths.critic: planner.terminal_value=critic (method {settings.name!r}) needs a trained critic, "
+            "but none was given (run the train_critic stage)"
+        )
+
+
+def check_critic_fits(critic, discretizer: Discretizer, *, obs_dim: int, act_dim: int, name: str) -> None:
+    """A critic (``cfg``: trifle.models.iql.CriticConfig) must take this task's observations and actions:
+    the same dimensions and, for a discrete critic, every bin's value one of its categories."""
+    from trifle.errors import CheckpointError
+
+    cfg = getattr(critic, "cfg", None)
+    if cfg is None:  # an in-memory stand-in (tests): nothing to check
+        return
+    if (cfg.obs_dim, cfg.act_dim) != (obs_dim, act_dim):
+        raise CheckpointError(
+            f"{name}: the critic takes obs_dim={cfg.obs_dim}, act_dim={cfg.act_dim}, but the tokens have "
+            f"obs_dim={obs_dim}, act_dim={act_dim} (a critic trained on another dataset)"
+        )
+    if not cfg.discrete:
+        return
+    limits = [*cfg.obs_cardinalities, cfg.num_actions]
+    for column, limit in zip(discretizer.columns[: obs_dim + act_dim], limits, strict=True):
+        values = np.asarray(column.values, np.float64)
+        if np.any(values != np.round(values)) or np.any(values < 0) or np.any(values >= limit):
+            raise CheckpointError(
+                f"{name}: the critic's categories are 0..{limit - 1}, but the discretizer's bins decode to "
+                f"{values.tolist()} (a critic trained on another dataset)"
+            )
+
+
 def check_context(
     settings: PlannerSettings,
     *,
@@ -427,6 +550,7 @@ def make_planner(
     circuit_window: int = 1,
     constraint: Sequence[Mapping[str, Any]] | None = None,
     device: str | torch.device = "cpu",
+    critic=None,
 ) -> BeamPlanner:
     """A planner from in-memory models (``build_planner`` loads them from checkpoints first).
 
@@ -438,6 +562,9 @@ def make_planner(
         raise ConfigError(f"task.labels.discount: expected a number in [0, 1], got {discount!r}")
     dim = obs_dim + act_dim + 2
     check_circuit(settings, circuit_window=circuit_window, has_circuit=circuit is not None)
+    check_critic(settings, has_critic=critic is not None)
+    if settings.terminal_value == "critic":
+        check_critic_fits(critic, discretizer, obs_dim=obs_dim, act_dim=act_dim, name="critic")
     check_context(settings, block_size=model.cfg.block_size, transition_dim=dim, obs_dim=obs_dim)
     if settings.method in TRIFLE_METHODS and circuit.num_vars != circuit_window * dim:
         raise ConfigError(
@@ -455,6 +582,7 @@ def make_planner(
         circuit_window=circuit_window,
         constraint=bounds,
         device=device,
+        critic=critic if settings.terminal_value == "critic" else None,
     )
 
 
@@ -483,6 +611,7 @@ def build_planner(
     discount: float,
     constraint: Sequence[Mapping[str, Any]] | None = None,
     device: str = "cpu",
+    critic_path: str | None = None,
 ) -> BeamPlanner:
     """Validate the config, load the checkpoints (checking they fit ``tokens``) and build the planner.
 
@@ -498,6 +627,7 @@ def build_planner(
     dim = tokens.transition_dim
     needs_circuit = settings.method in TRIFLE_METHODS
     check_circuit(settings, circuit_window=circuit_window, has_circuit=circuit_path is not None)
+    check_critic(settings, has_critic=bool(critic_path))
     expect = {"obs_dim": tokens.obs_dim, "act_dim": tokens.act_dim, "vocab_size": tokens.vocab_size}
     model, _ = load_gpt(gpt_path, expect=expect, device=device)
     check_context(
@@ -516,6 +646,18 @@ def build_planner(
             expect_num_vars=circuit_window * dim,
             expect_num_cats=circuit_num_cats(tokens.vocab_size, circuit_window),
         )
+    critic = None
+    if settings.terminal_value == "critic":
+        from trifle.models.iql_training import load_critic
+
+        critic, _ = load_critic(
+            critic_path,
+            expect={"obs_dim": tokens.obs_dim, "act_dim": tokens.act_dim, "discount": float(discount)},
+            device=device,
+        )
+        check_critic_fits(
+            critic, tokens.discretizer, obs_dim=tokens.obs_dim, act_dim=tokens.act_dim, name=str(critic_path)
+        )
     return make_planner(
         planner_cfg,
         model=model,
@@ -527,16 +669,20 @@ def build_planner(
         circuit_window=circuit_window,
         constraint=constraint,
         device=device,
+        critic=critic,
     )
 
 
 def beam_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[None, BeamPlanner]]:
     """The registry's policy function of the beam planners (tt, trifle-s, trifle-m and their constrained
-    variants): one planner, no conditioning target, from ``paths.tokens``, ``paths.gpt`` and (Trifle)
-    ``paths.pc``."""
+    variants): one planner, no conditioning target, from ``paths.tokens``, ``paths.gpt``, (Trifle)
+    ``paths.pc`` and (``terminal_value: critic``, TT(+Q)) ``paths.critic``."""
     from trifle.data.tokens import load_tokens
 
     planner, paths = cfg["planner"], cfg["paths"]
+    settings = validate_config(planner)
+    critic_path = paths.get("critic") if settings.terminal_value == "critic" else None
+    check_critic(settings, has_critic=bool(critic_path))  # before any file is read
     tokens = load_tokens(paths["tokens"])
     check_env_dims(cfg["task"]["env"], tokens.obs_dim, tokens.act_dim, paths["tokens"])
     policy = build_planner(
@@ -548,6 +694,7 @@ def beam_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[None, BeamP
         discount=cfg["task"]["labels"]["discount"],
         constraint=cfg["task"]["action_constraint"],
         device=device,
+        critic_path=critic_path,
     )
     return [(None, policy)]
 
@@ -566,3 +713,9 @@ def check_env_dims(env_name: str, obs_dim: int, act_dim: int, path: str) -> None
             f"{path}: data has obs_dim={obs_dim}, act_dim={act_dim}, but task.env="
             f"{env_name!r} has obs_dim={env.obs_dim}, act_dim={env.act_dim}"
         )
+
+
+def validate_planner(cfg: Mapping[str, Any]) -> None:
+    """The method registry's settings check (trifle.planning.methods.Method.validate), run when a config
+    is composed: the keys and values of :func:`validate_config`, no model needed."""
+    validate_config(cfg)

@@ -41,6 +41,8 @@ def run(cfg: dict[str, Any]) -> Path:
         backend=pc["backend"],
         progress=cfg["progress"],
         structure=pc["structure"],
+        init=pc["init"],
+        lvd=pc["lvd"],
     )
     # Conditionals against the data's counts (trifle.models.circuits.diagnostics), on the saved circuit.
     circuit = load_circuit(out, backend="torch", device="cpu")

@@ -135,6 +135,7 @@ INPUT_FILES = {
     "gpt": "results/checkpoints/{task}/gpt/seed{seed}.pt",
     "pc": "results/checkpoints/{task}/pc/seed{seed}.jpc",
     "dt": "results/checkpoints/{task}/dt/seed{seed}.pt",
+    "critic": "results/checkpoints/{task}/critic/seed{seed}.pt",
 }
 # The inputs that are trained models (their jobs write results/checkpoints/).
 TRAINED = tuple(k for k, f in INPUT_FILES.items() if f.startswith("results/checkpoints/"))
@@ -182,6 +183,7 @@ def final_targets():
         targets.append("results/tables/summary.csv")
     if evaluation_files_of(MUJOCO_TASKS):
         targets.append("results/tables/mujoco.csv")
+    targets += [f"results/tables/ablation_{study}.csv" for study in config.get("ablations", {})]
     return targets
 
 
@@ -199,3 +201,45 @@ def path_overrides(wildcards, input):
 def file_list(wildcards, input):
     """All inputs as one Hydra list value."""
     return shlex.quote("[" + ",".join(input) + "]")
+
+
+# Ablation studies (workflow config `ablations:`; rules in ablations.smk): every variant is checked here.
+ABLATIONS = config.get("ablations", {})
+
+for _study, _spec in ABLATIONS.items():
+    _stray = sorted(set(_spec["tasks"]) - set(config["tasks"]))
+    if _stray:
+        raise ValueError(f"workflow config 'ablations.{_study}.tasks': {_stray} not in 'tasks' ({', '.join(config['tasks'])})")
+    for _m in _spec["methods"]:
+        if _m not in available("planner"):
+            raise ValueError(
+                f"workflow config 'ablations.{_study}.methods': unknown method {_m!r}; expected names from "
+                f"trifle/conf/planner: {', '.join(available('planner'))}"
+            )
+        method(_m)
+    for _task in _spec["tasks"]:
+        for _m in _spec["methods"]:
+            for _value in _spec["values"]:
+                # Every variant composes and validates now, at DAG build (a bad value names its key).
+                compose([f"task={_task}", f"planner={_m}", *task_settings(_task)["overrides"], f"{_spec['setting']}={_value}"])
+
+
+wildcard_constraints:
+    study="|".join(re.escape(s) for s in ABLATIONS) or "NO_ABLATIONS",
+    value=r"[^/]+",
+
+
+def ablation_overrides(wildcards):
+    """The job's Hydra overrides plus the study's setting at this value."""
+    return (*hydra_overrides(wildcards), f"{ABLATIONS[wildcards.study]['setting']}={wildcards.value}")
+
+
+def ablation_files(wildcards):
+    spec = ABLATIONS[wildcards.study]
+    return [
+        f"results/ablations/{wildcards.study}/{task}/{m}/{value}/seed{seed}.json"
+        for task in spec["tasks"]
+        for m in spec["methods"]
+        for value in spec["values"]
+        for seed in task_settings(task)["seeds"]
+    ]

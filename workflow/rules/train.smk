@@ -1,4 +1,5 @@
-# One GPT and one circuit per task and seed, both trained on the same token file.
+# One GPT and one circuit per task and seed, both trained on the same token file; an IQL critic (TT(+Q))
+# per task and seed on the labeled transitions, where a configured method needs it.
 
 
 rule train_gpt:
@@ -47,3 +48,27 @@ rule train_pc:
     shell:
         "python -m trifle train_pc {params.overrides} threads={threads} paths.tokens={input:q} paths.pc={output.model:q}"
         " paths.pc_metrics={output.metrics:q} > {log:q} 2>&1"
+
+
+rule train_critic:
+    input:
+        "data/labeled/{task}.npz",
+    output:
+        model="results/checkpoints/{task}/critic/seed{seed}.pt",
+        metrics="results/checkpoints/{task}/critic/seed{seed}.metrics.json",
+    log:
+        "logs/train_critic/{task}/seed{seed}.log",
+    params:
+        cfg=stage_config("train_critic"),
+        code=code("train_critic"),
+        overrides=cli_overrides("train_critic"),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=hours(12),
+        gpu=training_gpus,
+    conda:
+        "../envs/trifle.yaml"
+    shell:
+        "python -m trifle train_critic {params.overrides} threads={threads} paths.labeled={input:q} paths.critic={output.model:q}"
+        " paths.critic_metrics={output.metrics:q} > {log:q} 2>&1"

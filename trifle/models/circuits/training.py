@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -30,6 +31,9 @@ from .hclt import build_hclt, validate_tokens
 from .torch_circuit import TorchCircuit
 
 _CKPT_VERSION = 1
+#: Initialisations of ``train_circuit``: build_hclt's seeded random parameters, or latent variable
+#: distillation (trifle.models.circuits.lvd).
+INITS = ("random", "lvd")
 
 
 def _flows(circuit: TorchCircuit, x: torch.Tensor, missing) -> tuple[torch.Tensor, list[torch.Tensor], float]:
@@ -145,7 +149,13 @@ def _load_partial(path: Path, fingerprint: dict) -> dict | None:
 
 
 def _save_partial(
-    path: Path, circuit: TorchCircuit, epoch: int, history: list, seconds: float, fingerprint: dict
+    path: Path,
+    circuit: TorchCircuit,
+    epoch: int,
+    history: list,
+    seconds: float,
+    fingerprint: dict,
+    init_info: dict | None = None,
 ):
     state = {
         "version": _CKPT_VERSION,
@@ -156,6 +166,8 @@ def _save_partial(
         "input_params": circuit.input_params.clone(),
         "sum_params": [w.clone() for w in circuit.sum_params()],
     }
+    if init_info:
+        state["init"] = init_info
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -174,14 +186,22 @@ def train_circuit(
     backend: str = "auto",
     progress: bool = True,
     structure: str = "exact-mi",
+    init: str = "random",
+    lvd: Mapping[str, Any] | None = None,
 ) -> dict:
     """Build an HCLT from ``train``, run ``epochs`` full-batch EM epochs, write ``out_path`` (.jpc).
+
+    ``init``: ``"random"`` keeps build_hclt's seeded random parameters; ``"lvd"`` replaces them, before
+    the first epoch, by latent variable distillation (trifle.models.circuits.lvd) with the ``lvd``
+    settings (defaults: ``lvd.LVD_DEFAULTS``).
 
     Resumable: a ``<out_path>.partial.pt`` checkpoint is written after every epoch and picked up by
     the next call with the same settings and data; it is removed once the .jpc is written.
     """
     resolve_backend(backend)  # a bad name or a missing GPU fails before any work
     _validate_settings(train, valid, num_cats, epochs, batch_size, pseudocount)
+    if init not in INITS:
+        raise ConfigError(f"pc.init: expected one of {', '.join(INITS)}, got {init!r}")
     out_path = Path(out_path)
     if out_path.suffix != ".jpc":
         raise ConfigError(f"out_path: expected a file name ending in .jpc, got {out_path}")
@@ -194,11 +214,37 @@ def train_circuit(
         "backend": backend,
         "structure": structure,
     }
+    initialise = None
+    if init == "lvd":
+        from .lvd import lvd_initialise, lvd_settings
+
+        # Only an LVD run adds its keys, so a random-init fingerprint is exactly what it was before.
+        settings["init"] = init
+        settings["lvd"] = lvd_cfg = lvd_settings(lvd)
     root_ns = build_hclt(train, num_cats=num_cats, num_latents=num_latents, seed=seed, structure=structure)
     settings["backend"] = backend = resolve_backend(backend, circuit_block_size(root_ns))
+    if init == "lvd":
+
+        def initialise(circuit: TorchCircuit) -> dict:
+            return lvd_initialise(
+                circuit,
+                train,
+                num_cats=num_cats,
+                pseudocount=pseudocount,
+                seed=seed,
+                settings=lvd_cfg,
+                out_path=out_path.with_name(out_path.name + ".lvd-mlm"),
+                device="cuda" if backend == "pyjuice" else "cpu",
+                progress=progress,
+            )
+
     fingerprint = _fingerprint(train, valid, settings)
     run = _train_pyjuice if backend == "pyjuice" else _train_torch
-    return run(root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress)
+    metrics = run(
+        root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress, initialise
+    )
+    metrics["init"] = init
+    return metrics
 
 
 def _validate_settings(train, valid, num_cats: int, epochs: int, batch_size: int, pseudocount: float) -> None:
@@ -215,24 +261,30 @@ def _validate_settings(train, valid, num_cats: int, epochs: int, batch_size: int
 
 
 def _resume(
-    circuit: TorchCircuit, out_path: Path, fingerprint: dict, epochs: int
-) -> tuple[Path, int, list, float]:
-    """Load a matching partial checkpoint into ``circuit``: (its path, epochs done, history, seconds)."""
+    circuit: TorchCircuit, out_path: Path, fingerprint: dict, epochs: int, initialise=None
+) -> tuple[Path, int, list, float, dict]:
+    """Load a matching partial checkpoint into ``circuit``: (its path, epochs done, history, seconds,
+    init record). Without one, ``initialise(circuit)`` (LVD) sets the starting parameters, if given."""
     partial = partial_path(out_path)
     state = _load_partial(partial, fingerprint)
     if state is None:
-        return partial, 0, [], 0.0
+        init_info = {}
+        if initialise is not None:
+            init_info = initialise(circuit)
+            # Keep the distilled start, so that a run stopped during the first epoch does not distil again.
+            _save_partial(partial, circuit, 0, [], 0.0, fingerprint, init_info)
+        return partial, 0, [], 0.0, init_info
     if state["epoch"] > epochs:
         raise CheckpointError(f"{partial}: already holds {state['epoch']} epochs but epochs={epochs}")
     circuit.set_params(state["input_params"], state["sum_params"])
-    return partial, state["epoch"], list(state["history"]), float(state["seconds"])
+    return partial, state["epoch"], list(state["history"]), float(state["seconds"]), state.get("init", {})
 
 
 def _train_torch(
-    root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress
+    root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress, initialise=None
 ) -> dict:
     circuit = TorchCircuit.from_nodes(root_ns)
-    partial, start, history, seconds = _resume(circuit, out_path, fingerprint, epochs)
+    partial, start, history, seconds, init_info = _resume(circuit, out_path, fingerprint, epochs, initialise)
     num_vars = train.size(1)
     batches = _batches(train.long(), batch_size)
     for epoch in tqdm(
@@ -242,26 +294,35 @@ def _train_torch(
         ll = em_step(circuit, batches, pseudocount=pseudocount)
         seconds += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_ll_per_var": ll / num_vars, "seconds": seconds})
-        _save_partial(partial, circuit, epoch + 1, history, seconds, fingerprint)
-    metrics = _final_metrics(circuit, train, valid, batch_size, epochs, seconds, history, "torch")
+        _save_partial(partial, circuit, epoch + 1, history, seconds, fingerprint, init_info)
+    metrics = _final_metrics(circuit, train, valid, batch_size, epochs, seconds, history, "torch", init_info)
     circuit.write_to_nodes(root_ns)
     save_circuit(root_ns, out_path)
     partial.unlink(missing_ok=True)
     return metrics
 
 
-def _final_metrics(circuit, train, valid, batch_size, epochs, seconds, history, backend: str) -> dict:
+def _final_metrics(
+    circuit, train, valid, batch_size, epochs, seconds, history, backend: str, init_info=None
+) -> dict:
+    """``seconds`` is the whole training time: the initialisation (LVD; 0 for random) plus the EM epochs."""
     num_vars = train.size(1)
-    return {
+    init_seconds = float((init_info or {}).get("seconds", 0.0))
+    metrics = {
         "train_ll_per_var": mean_log_likelihood(circuit, train.long(), batch_size) / num_vars,
         "heldout_ll_per_var": mean_log_likelihood(circuit, valid.long(), batch_size) / num_vars,
         "epochs": epochs,
-        "seconds": seconds,
+        "seconds": seconds + init_seconds,
+        "em_seconds": seconds,
+        "init_seconds": init_seconds,
         "num_params": circuit.num_params,
         "num_nodes": circuit.num_nodes,
         "backend": backend,
         "history": history,
     }
+    if init_info:
+        metrics["lvd"] = init_info
+    return metrics
 
 
 def _pow2_chunks(n: int) -> list[int]:
@@ -300,7 +361,7 @@ def pyjuice_epoch(pc, batches: list[torch.Tensor], pseudocount: float, device) -
 
 
 def _train_pyjuice(
-    root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress
+    root_ns, train, valid, epochs, batch_size, pseudocount, out_path, fingerprint, progress, initialise=None
 ) -> dict:
     """Same loop as :func:`_train_torch` on pyjuice's compiled circuit (CUDA); checkpoints hold the
     parameters in TorchCircuit layout so a run can resume on either backend's state."""
@@ -308,7 +369,7 @@ def _train_pyjuice(
 
     device = torch.device("cuda")
     circuit = TorchCircuit.from_nodes(root_ns)
-    partial, start, history, seconds = _resume(circuit, out_path, fingerprint, epochs)
+    partial, start, history, seconds, init_info = _resume(circuit, out_path, fingerprint, epochs, initialise)
     circuit.write_to_nodes(root_ns)
     pc = juice.compile(root_ns)
     pc.to(device)
@@ -323,10 +384,12 @@ def _train_pyjuice(
         history.append({"epoch": epoch + 1, "train_ll_per_var": ll / train.size(1), "seconds": seconds})
         pc.update_parameters()
         circuit = TorchCircuit.from_nodes(root_ns)
-        _save_partial(partial, circuit, epoch + 1, history, seconds, fingerprint)
+        _save_partial(partial, circuit, epoch + 1, history, seconds, fingerprint, init_info)
     pc.update_parameters()
     circuit = TorchCircuit.from_nodes(root_ns, device=device)
-    metrics = _final_metrics(circuit, train, valid, batch_size, epochs, seconds, history, "pyjuice")
+    metrics = _final_metrics(
+        circuit, train, valid, batch_size, epochs, seconds, history, "pyjuice", init_info
+    )
     save_circuit(root_ns, out_path)
     partial.unlink(missing_ok=True)
     return metrics
