@@ -60,7 +60,7 @@ def test_summary_has_every_method_and_a_figure(produced):
         rows = list(csv.DictReader(fh))
     assert {(r["task"], r["method"]) for r in rows} == {
         (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("dt", "tt", "trifle-s", "trifle-m")
-    } | {("taxi-stochastic", "tt-q"), ("taxi-stochastic", "trifle-s-q")}
+    } | {("taxi-stochastic", m) for m in ("tt-q", "trifle-s-q", "trifle-dt")}
     for row in rows:
         assert int(row["n_episodes"]) == 6 and 0.0 <= float(row["failure_rate"]) <= 1.0
         assert float(row["step_seconds"]) > 0
@@ -116,8 +116,8 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         project / "results" / "tables" / "mujoco.csv",
     ]
     # data: raw, labeled, tokens (3 tasks); checkpoints: gpt, dt, pc (toy tasks), gpt, pc (hopper), critic
-    # (taxi, hopper); models table; 10 toy and 6 hopper evaluations; summary; MuJoCo tables.
-    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 2 + 1 + 16 + 1 + 1
+    # (taxi, hopper); models table; 11 toy and 6 hopper evaluations; summary; MuJoCo tables.
+    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 2 + 1 + 17 + 1 + 1
     for output in outputs:
         info = Path(f"{output}.run.json")
         assert info.is_file(), output
@@ -152,10 +152,10 @@ def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
     for name in ("data", "results", ".snakemake"):
         run(["cp", "-a", str(project / name), str(changed / name)], produced["root"])
     counts = job_counts(snakemake(changed, "-n").stdout)
-    # The circuit feeds only the Trifle methods' evaluations, not tt, tt-safe, tt-q or dt.
+    # The circuit feeds only the Trifle methods' evaluations (trifle-dt included), not tt, tt-safe, tt-q or dt.
     assert counts == {
         "train_pc": 3,
-        "evaluate": 5 + 3,
+        "evaluate": 6 + 3,
         "models_table": 1,
         "summary": 1,
         "mujoco_tables": 1,
