@@ -100,7 +100,8 @@ def test_smoke_dry_run_trains_a_critic_where_tt_q_runs():
     the smoke's tiny step count), and their evaluations are given it as paths.critic."""
     out = snakemake(REPO, "-n", "--forceall", "--configfile", "workflow/config/smoke.yaml").stdout
     counts = job_counts(out)
-    assert counts["train_critic"] == 2 and counts["evaluate"] == 6 + 4 + 6
+    # Taxi (trifle-dt too), FrozenLake, Hopper
+    assert counts["train_critic"] == 2 and counts["evaluate"] == 7 + 4 + 6
     jobs = _jobs(out)
     critic = [b for r, b in jobs if r == "train_critic"]
     assert all("critic.steps=20" in b and "gpt.steps" not in b for b in critic)
