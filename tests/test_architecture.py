@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from trifle import fingerprint
 from trifle.fingerprint import code_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,19 +45,9 @@ def _module_name(path: Path, root: Path) -> str:
 
 def imported_modules(path: Path, root: Path = PACKAGE) -> set[str]:
     """Every module ``path`` imports anywhere (function-level imports too), relative ones resolved."""
-    module = _module_name(path, root)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-    return found
+    return fingerprint.imported_modules(
+        ast.parse(path.read_text()), _module_name(path, root), path.name == "__init__.py"
+    )
 
 
 def _layer(module: str) -> int | None:

@@ -9,14 +9,11 @@ probabilities over all 4^8 assignments.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 
-from trifle.data.discretize import ColumnBins, Discretizer
-from trifle.models.circuits import TorchCircuit, build_hclt, em_step
+from trifle.models.circuits import TorchCircuit
 from trifle.planning.circuit_queries import (
     WindowLayout,
     candidate_scores,
@@ -25,58 +22,33 @@ from trifle.planning.circuit_queries import (
     value_distribution,
 )
 
-OBS, ACT, K, CATS = 1, 1, 2, 4
-D = OBS + ACT + 2
-PAD = CATS - 1
-REWARDS = np.array([-1.0, 5.0])
-VALUES = np.array([-2.0, 0.5, 4.0])
+from circuit_support.tiny_task import (
+    ACT,
+    CATS,
+    GAMMA,
+    OBS,
+    PAD,
+    REWARDS,
+    VALUES,
+    D,
+    K,
+    enumerated_joint,
+    fitted_circuit,
+)
+from circuit_support.tiny_task import discretizer as _discretizer
+
 NUM_BINS = [2, 3, 2, 3]  # obs, action, reward, value
 LAYOUT = WindowLayout(OBS, ACT, K, CATS)
-GAMMA = 0.9
-
-
-def _discretizer() -> Discretizer:
-    cat = lambda v: ColumnBins("categorical", np.zeros(0), np.asarray(v, np.float64))  # noqa: E731
-    columns = [
-        cat([0, 1]),
-        cat([0, 1, 2]),
-        cat(REWARDS),
-        ColumnBins("quantile", np.array([0.0, 2.0]), VALUES),
-    ]
-    return Discretizer(columns, ["obs", "act", "reward", "value"])
-
-
-def _windows(n: int, seed: int) -> torch.Tensor:
-    """Windows whose action, reward and value depend on the state and each other; some end early."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        window = []
-        for _ in range(K):
-            s = int(torch.randint(0, 2, (1,), generator=g))
-            a = (s + int(torch.randint(0, 2, (1,), generator=g))) % 3
-            r = int(a == 2 or torch.rand(1, generator=g) < 0.2)
-            v = min(2, r + s + int(torch.randint(0, 2, (1,), generator=g)))
-            window += [s, a, r, v]
-        if torch.rand(1, generator=g) < 0.3:
-            window[D:] = [PAD] * D  # the episode ended after the first transition
-        rows.append(window)
-    return torch.tensor(rows)
 
 
 @pytest.fixture(scope="module")
 def circuit() -> TorchCircuit:
-    data = _windows(400, 0)
-    c = TorchCircuit.from_nodes(build_hclt(data, num_cats=CATS, num_latents=3, seed=1), dtype=torch.float64)
-    for _ in range(4):
-        em_step(c, [data], pseudocount=0.5)
-    return c
+    return fitted_circuit()
 
 
 @pytest.fixture(scope="module")
 def joint(circuit) -> tuple[torch.Tensor, torch.Tensor]:
-    allx = torch.tensor(list(itertools.product(range(CATS), repeat=K * D)))
-    return allx, circuit.log_prob(allx).exp()
+    return enumerated_joint(circuit)
 
 
 def _brute_value(allx, p, weight: torch.Tensor, var: int) -> torch.Tensor:

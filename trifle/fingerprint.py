@@ -32,8 +32,10 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
-    """Names of modules imported by a module, with relative imports resolved."""
+def imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Names imported by a module anywhere in it (``from m import n`` gives ``m`` and ``m.n``), with
+    relative imports resolved; the fingerprint walk and the layer test (tests/test_architecture.py) both
+    read imports through it."""
     found: set[str] = set()
     package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(tree):
@@ -78,7 +80,7 @@ def code_fingerprint(module: str, *more: str, root: Path = PACKAGE_ROOT) -> str:
         if name in seen or path is None:
             continue
         tree = ast.parse(path.read_text(), filename=str(path))
-        pending.extend(_imports(tree, name, path.name == "__init__.py"))
+        pending.extend(imported_modules(tree, name, path.name == "__init__.py"))
         # Parent packages run on import too.
         if "." in name:
             pending.append(name.rpartition(".")[0])
