@@ -17,6 +17,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/ablations.smk"
+include: "workflow/rules/optimality.smk"
 
 
 rule all:

@@ -8,10 +8,13 @@ latents, fitted with a couple of EM steps on a small random-policy dataset) -- a
 of the released code's beam settings (``task.planning``: N = 32, H = 5, λ = 2, cdf_act 0.6, 5 context
 transitions) on real ``VectorMujocoEnv`` episodes.
 
-Variants, per environment and batch size: tt, trifle-s, tt-safe and trifle-s-safe with the KV cache; at the
-``--slow-batches`` sizes also tt and trifle-s without it (TT's original recompute-everything search) and tt
-at horizon 15, whose plans outrun the 10-transition block (TT-style cropping), with and without the cache.
-All variants of one environment and batch run round-robin, so load from other jobs hits them alike.
+Variants, per environment and batch size: tt, trifle-s, tt-safe and trifle-s-safe with the KV cache, and
+trifle-s scoring each action dimension's candidates as one evidence row each (the per-candidate reference
+path, circuit_queries.PerCandidate) instead of in one circuit pass; at the ``--slow-batches`` sizes also tt
+and trifle-s without the cache (TT's original recompute-everything search) and tt at horizon 15, whose
+plans outrun the 10-transition block (TT-style cropping), with and without the cache. All variants of one
+environment and batch run round-robin, so load from other jobs hits them alike. Writes the Markdown
+report and, next to it, the rows as JSON.
 
     .venv/bin/python benchmarks/mujoco_planning_speed.py   # writes docs/benchmarks/mujoco_planning_speed.md
     .venv/bin/python benchmarks/mujoco_planning_speed.py --device cuda --steps 20 \
@@ -21,6 +24,7 @@ All variants of one environment and batch run round-robin, so load from other jo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -42,6 +46,7 @@ from trifle.io import atomic_path
 from trifle.models.circuits import PyjuiceCircuit, TorchCircuit, build_hclt, em_step, resolve_backend
 from trifle.models.gpt import TrajectoryGPT
 from trifle.models.gpt_training import model_config, resolve_config
+from trifle.planning.circuit_queries import PerCandidate
 from trifle.planning.planners import BeamPlanner, make_planner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +60,15 @@ class Variant:
     method: str
     use_cache: bool
     horizon: int | None = None  # None: the task's task.planning.horizon
+    per_candidate: bool = False  # the circuit scores candidates one evidence row each (the reference)
+
+    @property
+    def name(self) -> str:
+        """The method as the report shows it."""
+        return f"{self.method} (per-candidate)" if self.per_candidate else self.method
 
     def label(self) -> str:
-        return f"{self.method} cache={'on' if self.use_cache else 'off'} H={self.horizon or 'task'}"
+        return f"{self.name} cache={'on' if self.use_cache else 'off'} H={self.horizon or 'task'}"
 
 
 def variants(long_horizon: int, slow: bool) -> list[Variant]:
@@ -67,6 +78,7 @@ def variants(long_horizon: int, slow: bool) -> list[Variant]:
     minutes at large batches, so by default they run at batch 1 only.
     """
     out = [Variant(m, True) for m in ("tt", "trifle-s", "tt-safe", "trifle-s-safe")]
+    out.append(Variant("trifle-s", True, per_candidate=True))
     if slow:
         out += [Variant(m, False) for m in ("tt", "trifle-s")]
     if slow and long_horizon:
@@ -150,7 +162,7 @@ def make_variant_planner(models: Models, variant: Variant, device: str) -> BeamP
         obs_dim=models.data.obs_dim,
         act_dim=models.data.act_dim,
         discount=task["labels"]["discount"],
-        circuit=models.circuit,
+        circuit=PerCandidate(models.circuit) if variant.per_candidate else models.circuit,
         circuit_window=task["pc_window"],
         constraint=task["action_constraint"],
         device=device,
@@ -243,11 +255,16 @@ def to_rows(env: str, batch: int, rollouts: Sequence[Rollout], task_horizon: int
     ]
 
 
-def _find(rows: Sequence[Row], method: str, cache: bool, horizon: int) -> list[Row]:
+def _find(
+    rows: Sequence[Row], method: str, cache: bool, horizon: int, per_candidate: bool = False
+) -> list[Row]:
     return [
         r
         for r in rows
-        if r.variant.method == method and r.variant.use_cache == cache and r.horizon == horizon
+        if r.variant.method == method
+        and r.variant.use_cache == cache
+        and r.horizon == horizon
+        and r.variant.per_candidate == per_candidate
     ]
 
 
@@ -263,9 +280,7 @@ def _per_env(pairs: Sequence[tuple[str, float]], fmt: str = "{:.1f}") -> str:
     return ", ".join(f"{_span([v for e, v in pairs if e == env], fmt)}× on {env}" for env in envs)
 
 
-def _pairs(
-    rows: Sequence[Row], a: tuple[str, bool, int], b: tuple[str, bool, int]
-) -> list[tuple[str, float]]:
+def _pairs(rows: Sequence[Row], a: tuple, b: tuple) -> list[tuple[str, float]]:
     """(env, ratio a / b of seconds per env step), matched on (env, batch)."""
     out = []
     for x in _find(rows, *a):
@@ -296,6 +311,14 @@ def findings(rows: Sequence[Row], plan: dict[str, Any], long_horizon: int, block
             f"Cost of trifle-s's circuit correction, trifle-s / tt planning time: {_per_env(extra, '{:.2f}')}"
         )
         lines.append(text + (f"; trifle-s-safe / tt-safe: {_per_env(safe, '{:.2f}')}." if safe else "."))
+    reference = _pairs(rows, ("trifle-s", True, horizon, True), ("tt", True, horizon))
+    one_pass = _pairs(rows, ("trifle-s", True, horizon, True), ("trifle-s", True, horizon))
+    if reference and one_pass:
+        lines.append(
+            "The same with the per-candidate scores (one circuit evidence row per candidate, the reference "
+            f"path): {_per_env(reference, '{:.2f}')}; speed-up of trifle-s from the one-pass scores, "
+            f"per-candidate / one-pass planning time: {_per_env(one_pass, '{:.2f}')}."
+        )
     batches = sorted({r.batch for r in rows})
     if len(batches) > 1:
         small = _find([r for r in rows if r.batch == batches[0]], "tt", True, horizon)
@@ -320,12 +343,16 @@ def findings(rows: Sequence[Row], plan: dict[str, Any], long_horizon: int, block
     for env in list(dict.fromkeys(r.env for r in rows)):
         batch = max(r.batch for r in rows if r.env == env)
         cached = [
-            r for r in rows if (r.env, r.batch, r.horizon) == (env, batch, horizon) and r.variant.use_cache
+            r
+            for r in rows
+            if (r.env, r.batch, r.horizon) == (env, batch, horizon)
+            and r.variant.use_cache
+            and not r.variant.per_candidate
         ]
         fast, slow = min(cached, key=lambda r: r.per_step), max(cached, key=lambda r: r.per_step)
         lines.append(
-            f"{env}: one 1000-step episode needs {1000 * fast.per_step / 60:.0f} ({fast.variant.method}) to "
-            f"{1000 * slow.per_step / 60:.0f} ({slow.variant.method}) minutes of planning per environment "
+            f"{env}: one 1000-step episode needs {1000 * fast.per_step / 60:.0f} ({fast.variant.name}) to "
+            f"{1000 * slow.per_step / 60:.0f} ({slow.variant.name}) minutes of planning per environment "
             f"at batch {batch} with the cache."
         )
     return [f"- {line}" for line in lines]
@@ -372,7 +399,7 @@ def render(
     ]
     for r in rows:
         lines.append(
-            f"| {r.env} | {r.variant.method} | {'yes' if r.variant.use_cache else 'no'} | {r.horizon} | "
+            f"| {r.env} | {r.variant.name} | {'yes' if r.variant.use_cache else 'no'} | {r.horizon} | "
             f"{r.batch} | {r.calls} | {r.per_step:.3f} | {r.ratio:.2f} |"
         )
     lines += ["", "Findings (computed from the table):", ""]
@@ -401,7 +428,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--circuit-backend", default="auto", choices=["auto", "torch", "pyjuice"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "mujoco_planning_speed.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "docs" / "benchmarks" / "mujoco_planning_speed.md",
+        help="the Markdown report; the JSON rows go next to it (.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -417,11 +449,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         horizon = models[env].cfg["task"]["planning"]["horizon"]
         for batch in args.batches:
             rows += to_rows(env, batch, run_batch(models[env], env, batch, args), horizon)
-    report = render(rows, args, models, load_start, time.perf_counter() - start)
+    wall_s = time.perf_counter() - start
+    report = render(rows, args, models, load_start, wall_s)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text(report)
+    with atomic_path(args.out.with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps(to_json(rows, args, load_start, wall_s), indent=1) + "\n")
     print(report)
+
+
+def to_json(rows: Sequence[Row], args: argparse.Namespace, load_start: float, wall_s: float) -> dict:
+    """The measured rows and the run's conditions, for reading the ratios without parsing Markdown."""
+    return {
+        "device": args.device,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+        "wall_s": wall_s,
+        "rows": [
+            {
+                "env": r.env,
+                "method": r.variant.method,
+                "per_candidate": r.variant.per_candidate,
+                "kv_cache": r.variant.use_cache,
+                "horizon": r.horizon,
+                "batch": r.batch,
+                "steps": r.calls,
+                "env_steps": r.env_steps,
+                "s_per_env_step": r.per_step,
+                "ratio_vs_tt": r.ratio,
+            }
+            for r in rows
+        ],
+    }
 
 
 if __name__ == "__main__":

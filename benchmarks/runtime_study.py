@@ -131,23 +131,30 @@ SMOKE = replace(
 
 
 class TimedCircuit:
-    """The circuit, with the wall-clock time spent in ``conditional`` (the only query the planners make)
-    added up in ``seconds`` and the evidence rows it was asked about in ``rows``; every other attribute
-    is the wrapped circuit's."""
+    """The circuit, with the wall-clock time spent in ``conditional`` and ``candidate_marginals`` (the
+    queries the planners make; the latter only where the circuit has it: the one-pass candidate scores)
+    added up in ``seconds`` and the evidence rows they were asked about in ``rows``; every other
+    attribute is the wrapped circuit's."""
 
     def __init__(self, circuit: Any):
         self.circuit, self.seconds, self.rows = circuit, 0.0, 0
 
     def conditional(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._timed(self.circuit.conditional, x, *args, **kwargs)
+
+    def _timed(self, query, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.rows += int(x.size(0))
         start = time.perf_counter()
         try:
-            return self.circuit.conditional(x, *args, **kwargs)
+            return query(x, *args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.circuit, name)
+        attr = getattr(self.circuit, name)  # AttributeError if the circuit lacks it, as hasattr expects
+        if name == "candidate_marginals":
+            return lambda x, *args, **kwargs: self._timed(attr, x, *args, **kwargs)
+        return attr
 
 
 @dataclass
@@ -501,9 +508,11 @@ def findings(rows: Sequence[Row]) -> list[str]:
         )
         lines.append(
             f"Why: the circuit's evidence rows per step fit {row_slope:.0f} × act_dim {row_intercept:+.0f} "
-            f"(R² = {row_r2:.3f}): one query per action dimension over (distinct beams × 100 candidates). "
-            "At the first dimension every beam holds the same state, so it costs one evidence row × 100 "
-            "candidates, plus one row for the threshold's p(V | s_t)"
+            f"(R² = {row_r2:.3f}): one query per action dimension over the distinct beams, each answering "
+            "all 100 candidates at once (`candidate_marginals`: two evidence rows, V's kept levels weighted "
+            "and unweighted, one upward and one backward pass), plus the chosen candidate's p(V | s, a) for "
+            "the next dimension. At the first dimension every beam holds the same state, so it costs a few "
+            "rows, plus one for the threshold's p(V | s_t)"
             + (f" ({s[0].circuit_rows_per_env_step:.0f} rows at 1 action dimension)" if dims[0] == 1 else "")
             + "; from the second on "
             "the beams differ in the dimensions already drawn (up to N·λ distinct rows). The cost per row "
@@ -585,7 +594,8 @@ def render(rows: Sequence[Row], args: argparse.Namespace, scale: Scale, info: di
         f"than {scale.calls} once a row has spent {scale.budget_s:g} s). All rows of both sweeps run "
         "round-robin, one call each per round, so drifting load from other jobs hits them alike. "
         "s / env step is the **median** over the timed calls; circuit s is the part of it "
-        "spent in `circuit.conditional` (a timing wrapper; the rest of Trifle's correction, a few tensor "
+        "spent in `circuit.conditional` and `circuit.candidate_marginals` (a timing wrapper; the rest of "
+        "Trifle's correction, a few tensor "
         "ops, is not counted there) and circuit rows the evidence rows it was asked about (each query runs "
         "once per distinct evidence row: `circuit_queries.conditional_unique`); ratio = s / env step over "
         "tt's at the same task and H.",

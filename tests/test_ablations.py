@@ -83,6 +83,11 @@ ablations:
     methods: [tt, trifle-s]
     setting: planner.horizon
     values: [1, 3]
+  fixed_threshold:
+    tasks: [taxi-stochastic]
+    methods: [trifle-s]
+    setting: planner.fixed_threshold
+    values: [null, 0.9]
 """
 
 
@@ -90,12 +95,16 @@ def test_workflow_runs_each_variant_on_the_task_models(tmp_path):
     project = copy_project(tmp_path / "p", config=ABLATION_CONFIG)
     out = snakemake(project, "-n", "--forceall").stdout
     counts = job_counts(out)
-    assert counts["evaluate_ablation"] == 2 * 2 * 2 and counts["ablation_table"] == 1
+    # horizon: 2 methods x 2 values x 2 seeds; fixed_threshold: 1 method x 2 values x 2 seeds.
+    assert counts["evaluate_ablation"] == 2 * 2 * 2 + 2 * 2 and counts["ablation_table"] == 2
     assert counts["train_gpt"] == counts["train_pc"] == 2 and "evaluate" not in counts
     assert (
         "planner.horizon=1" in out
         and "results/ablations/horizon/taxi-stochastic/trifle-s/3/seed1.json" in out
     )
+    # A null value (the method's default: the adaptive threshold) is a path part and an override "null".
+    assert "results/ablations/fixed_threshold/taxi-stochastic/trifle-s/null/seed0.json" in out
+    assert "planner.fixed_threshold=null" in out and "planner.fixed_threshold=0.9" in out
 
 
 @pytest.mark.parametrize(

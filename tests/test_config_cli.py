@@ -49,11 +49,13 @@ def test_a_hyperparameter_changes_only_the_slices_that_read_it():
     assert differing == {"train_pc"}
     changed = compose(["task=taxi-stochastic", "task.labels.discount=0.9"])
     # The planners discount with the same factor as the labels, and the circuit's diagnostics score
-    # E[r + gamma V | s, a] with it; the IQL critic's Q targets too.
+    # E[r + gamma V | s, a] with it; the IQL critic's Q targets too, and the optimality score's return
+    # models their G = r + gamma V.
     assert {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)} == {
         "labels",
         "train_pc",
         "train_critic",
+        "train_aux",
         "evaluate",
     }
 
@@ -61,7 +63,16 @@ def test_a_hyperparameter_changes_only_the_slices_that_read_it():
 def test_seed_changes_training_and_evaluation_but_not_data():
     a, b = compose(["seed=0"]), compose(["seed=1"])
     changed = {s for s in STAGE_KEYS if stage_slice(a, s) != stage_slice(b, s)}
-    assert changed == {"train_gpt", "train_pc", "train_dt", "train_critic", "evaluate"}
+    # The optimality score's return models are trained per seed, and its files are per run.
+    assert changed == {
+        "train_gpt",
+        "train_pc",
+        "train_dt",
+        "train_critic",
+        "train_aux",
+        "evaluate",
+        "optimality",
+    }
 
 
 def test_planner_choice_changes_only_evaluation():

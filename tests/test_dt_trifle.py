@@ -272,7 +272,7 @@ def test_registry_entry():
     entry = method("trifle-dt")
     assert entry.policy_function() is dt_trifle_policies
     assert entry.needs == ("labeled", "tokens", "dt", "pc") and entry.label == "DT-Trifle"
-    assert (entry.order, entry.tables, entry.reference) == (15, ("summary",), False)
+    assert (entry.order, entry.tables, entry.reference) == (15, ("summary", "optimality"), False)
     assert sorted(["tt", "trifle-dt", "dt"], key=sort_key) == ["dt", "trifle-dt", "tt"]
     assert "trifle-dt" in methods_in("summary") and "trifle-dt" not in methods_in("mujoco")
     planner = compose(["task=taxi-stochastic", "planner=trifle-dt"])["planner"]

@@ -60,7 +60,10 @@ def test_summary_has_every_method_and_a_figure(produced):
         rows = list(csv.DictReader(fh))
     assert {(r["task"], r["method"]) for r in rows} == {
         (t, m) for t in ("taxi-stochastic", "frozenlake-eps0.5") for m in ("dt", "tt", "trifle-s", "trifle-m")
-    } | {("taxi-stochastic", m) for m in ("tt-q", "trifle-s-q", "trifle-dt")}
+    } | {
+        ("taxi-stochastic", m)
+        for m in ("tt-q", "trifle-s-q", "trifle-dt", "tt-qtaxi-filter", "tt-qtaxi-value", "tt-qtaxi-full")
+    }
     for row in rows:
         assert int(row["n_episodes"]) == 6 and 0.0 <= float(row["failure_rate"]) <= 1.0
         assert float(row["step_seconds"]) > 0
@@ -116,8 +119,9 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         project / "results" / "tables" / "mujoco.csv",
     ]
     # data: raw, labeled, tokens (3 tasks); checkpoints: gpt, dt, pc (toy tasks), gpt, pc (hopper), critic
-    # (taxi, hopper); models table; 11 toy and 6 hopper evaluations; summary; MuJoCo tables.
-    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 2 + 1 + 17 + 1 + 1
+    # (taxi, hopper); models table; 14 toy (Taxi 10, FrozenLake 4) and 6 hopper evaluations; summary;
+    # MuJoCo tables.
+    assert len(outputs) == 3 * 3 + 3 * 2 + 2 + 2 + 1 + 20 + 1 + 1
     for output in outputs:
         info = Path(f"{output}.run.json")
         assert info.is_file(), output
@@ -129,13 +133,44 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         "labels",
         "models_table.log",
         "mujoco_tables.log",
+        "optimality",
+        "optimality_table.log",
         "summary.log",
         "tokens",
+        "train_aux",
         "train_critic",
         "train_dt",
         "train_gpt",
         "train_pc",
     ]
+
+
+def test_optimality_table_scores_every_listed_run(produced):
+    """Every run of a method whose registry lists the optimality score has a score file beside its record,
+    with provenance; the table has one row per (task, method) of them and the figure is written."""
+    import yaml
+
+    from trifle.planning.methods import methods_in
+
+    project = produced["project"]
+    smoke = yaml.safe_load((project / "workflow" / "config" / "default.yaml").read_text())
+    expected = {
+        (task, m)
+        for task in smoke["tasks"]
+        for m in smoke["per_task"].get(task, {}).get("methods", smoke["methods"])
+        if m in methods_in("optimality")
+    }
+    with open(project / "results" / "tables" / "optimality.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["task"], r["method"]) for r in rows} == expected
+    for row in rows:
+        assert 0.0 <= float(row["score_mean"]) <= 1.0 and row["seeds"] == "1" and int(row["episodes"]) > 0
+    for task, m in expected:
+        assert Path(f"{project}/results/eval/{task}/{m}/seed0.optimality.json.run.json").is_file()
+    for task in smoke["tasks"]:
+        for kind in ("state", "action"):
+            assert Path(f"{project}/results/checkpoints/{task}/aux/{kind}/seed0.pt.run.json").is_file()
+    assert (project / "results" / "figures" / "optimality.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_second_run_has_nothing_to_do(produced):
@@ -153,9 +188,13 @@ def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
         run(["cp", "-a", str(project / name), str(changed / name)], produced["root"])
     counts = job_counts(snakemake(changed, "-n").stdout)
     # The circuit feeds only the Trifle methods' evaluations (trifle-dt included), not tt, tt-safe, tt-q or dt.
+    # Their optimality scores follow (Taxi's 4 and FrozenLake's 2; on Hopper trifle-s and trifle-s-q, not
+    # trifle-s-safe, whose registry does not list the score), and the optimality table.
     assert counts == {
         "train_pc": 3,
         "evaluate": 6 + 3,
+        "optimality": 6 + 2,
+        "optimality_table": 1,
         "models_table": 1,
         "summary": 1,
         "mujoco_tables": 1,

@@ -18,6 +18,7 @@ from trifle.planning.circuit_queries import (
     WindowLayout,
     candidate_scores,
     expected_multistep_value,
+    fixed_kept_levels,
     kept_bins,
     value_distribution,
 )
@@ -131,8 +132,12 @@ def test_candidate_scores_match_enumeration(circuit, joint):
     x, missing = _evidence([0, 1, 1], [None, None, None])
     probs = value_distribution(circuit, x, missing, LAYOUT.value_var(0), NUM_BINS[3])
     keep = kept_bins(probs, 0.3, "strict")
-    scores, dists = candidate_scores(circuit, x, missing, LAYOUT.act_var(0, 0), 3, LAYOUT.value_var(0), keep)
+    args = (circuit, x, missing, LAYOUT.act_var(0, 0), 3, LAYOUT.value_var(0), keep)
+    scores, dists = candidate_scores(*args, one_pass=False)  # the per-candidate path returns every dist
     assert scores.shape == (3, 3) and dists.shape == (3, 3, 3)
+    fast, no_dists = candidate_scores(*args)  # the one-pass path leaves them to the chosen candidate
+    assert no_dists is None
+    torch.testing.assert_close(fast, scores, atol=1e-10, rtol=0)
     for b in range(3):
         for c in range(3):
             weight = _hard(allx, x[b], missing[b]) * (allx[:, LAYOUT.act_var(0, 0)] == c)
@@ -140,6 +145,46 @@ def test_candidate_scores_match_enumeration(circuit, joint):
             torch.testing.assert_close(dists[b, c], want, atol=1e-10, rtol=0)
             assert abs(float(scores[b, c]) - float(want[keep[b]].sum())) < 1e-10
     assert float(scores[0].max() - scores[0].min()) > 1e-3  # candidates are told apart
+
+
+def test_fixed_threshold_is_the_papers_bin_index_on_equal_mass_bins():
+    """100 bins of equal marginal mass (the quantile discretizer's value column): quantile 0.9 keeps bins
+    90..99, the paper's fixed v = 90 of 0..99, and 0.3 keeps 30..99."""
+    uniform = torch.full((100,), 0.01, dtype=torch.float64)
+    for q, first in ((0.9, 90), (0.8, 80), (0.3, 30)):
+        assert fixed_kept_levels(uniform, q).nonzero().flatten().tolist() == list(range(first, 100))
+    # Uneven mass: a level is kept when the mass strictly below it reaches q.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    assert fixed_kept_levels(probs, 0.5).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert fixed_kept_levels(probs, 0.85).tolist() == [0.0, 0.0, 0.0, 1.0]
+    # The top level holds more than 1 - q: keep it alone rather than nothing.
+    assert fixed_kept_levels(torch.tensor([0.2, 0.8], dtype=torch.float64), 0.5).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="quantile"):
+        fixed_kept_levels(probs, 1.0)
+
+
+def test_fixed_threshold_proposal_scores_against_enumeration(circuit, joint):
+    """A fixed-threshold proposal keeps the same levels in every state, those at or above the marginal
+    quantile of p(V) (the enumerated joint's), and scores each action by p(V in them | s, a)."""
+    from trifle.planning.planners import CircuitProposal
+
+    allx, p = joint
+    marginal = _brute_value(allx, p, torch.ones(len(allx), dtype=torch.float64), LAYOUT.value_var(0))
+    q = float(marginal[0]) - 1e-6  # just under the lowest bin's mass: keep bins 1 and 2
+    want_keep = fixed_kept_levels(marginal, q)
+    assert want_keep.tolist() == [0.0, 1.0, 1.0]
+    obs = torch.tensor([[0], [1]])
+    proposal = CircuitProposal(circuit, LAYOUT, obs, 0.2, NUM_BINS[3], fixed_threshold=q)
+    proposal.begin(torch.arange(2))
+    torch.testing.assert_close(proposal.fixed_keep()[0], want_keep)
+    logp = torch.zeros(2, 3, dtype=torch.float64)
+    got = proposal.logits(0, logp)
+    x, missing = _evidence([0, 1], [None, None])
+    for b in range(2):
+        for c in range(3):
+            weight = _hard(allx, x[b], missing[b]) * (allx[:, LAYOUT.act_var(0, 0)] == c)
+            want = _brute_value(allx, p, weight, LAYOUT.value_var(0))
+            assert abs(float(got[b, c].exp()) - float(want[1:].sum())) < 1e-10
 
 
 def test_candidate_scores_condition_on_earlier_choices(circuit, joint):

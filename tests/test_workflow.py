@@ -6,7 +6,15 @@ import pytest
 
 from workflow_support import REPO, copy_project, job_counts, snakemake
 
-GPU_RULES = ("train_gpt", "train_pc", "train_dt", "train_critic", "evaluate", "evaluate_ablation")
+GPU_RULES = (
+    "train_gpt",
+    "train_pc",
+    "train_dt",
+    "train_critic",
+    "train_aux",
+    "evaluate",
+    "evaluate_ablation",
+)
 
 
 def test_lint_is_clean():
@@ -23,7 +31,8 @@ def test_default_dry_run_lists_every_rule():
         "train_gpt": 2,
         "train_pc": 2,
         "train_dt": 2,
-        "evaluate": 8,
+        # Taxi: dt, tt, trifle-s, trifle-m, trifle-dt and the three TT + Q_taxi; FrozenLake: the first five.
+        "evaluate": 8 + 5,
         "models_table": 1,
         "summary": 1,
         "all": 1,
@@ -55,10 +64,13 @@ def test_paper_dry_run_has_every_job_with_gpu_resources(paper_dry_run):
     assert counts["train_dt"] == 12
     # One IQL critic per seed where TT(+Q) runs: Taxi (3 seeds) and the 9 MuJoCo datasets (12 seeds).
     assert counts["train_critic"] == 3 + 9 * 12
-    # Toy: 4 methods (Taxi also tt-q and trifle-s-q); MuJoCo: tt, trifle-s, tt-q and trifle-s-q on 9
-    # datasets, tt-safe and trifle-s-safe on 3.
-    assert counts["evaluate"] == 48 + 2 * 3 + 9 * 12 * 4 + 3 * 12 * 2
+    # Toy (3 seeds): 5 methods on the FrozenLakes, 10 on Taxi (also tt-q, trifle-s-q and the three
+    # TT + Q_taxi); MuJoCo: tt, trifle-s, tt-q and trifle-s-q on 9 datasets, tt-safe and trifle-s-safe on 3.
+    assert counts["evaluate"] == 3 * 5 * 3 + 10 * 3 + 9 * 12 * 4 + 3 * 12 * 2
     assert counts["mujoco_tables"] == counts["summary"] == counts["models_table"] == 1
+    # The optimality score (optimality: true): a state and an action return model per trained GPT's task
+    # and seed, one table.
+    assert counts["train_aux"] == 2 * counts["train_gpt"] and counts["optimality_table"] == 1
     for rule, block in _jobs(paper_dry_run):
         if rule in GPU_RULES:
             assert "gpu=1" in block and "slurm_partition=gpu" in block, block
@@ -100,8 +112,8 @@ def test_smoke_dry_run_trains_a_critic_where_tt_q_runs():
     the smoke's tiny step count), and their evaluations are given it as paths.critic."""
     out = snakemake(REPO, "-n", "--forceall", "--configfile", "workflow/config/smoke.yaml").stdout
     counts = job_counts(out)
-    # Taxi (trifle-dt too), FrozenLake, Hopper
-    assert counts["train_critic"] == 2 and counts["evaluate"] == 7 + 4 + 6
+    # Taxi (trifle-dt and the three TT + Q_taxi too), FrozenLake, Hopper
+    assert counts["train_critic"] == 2 and counts["evaluate"] == 10 + 4 + 6
     jobs = _jobs(out)
     critic = [b for r, b in jobs if r == "train_critic"]
     assert all("critic.steps=20" in b and "gpt.steps" not in b for b in critic)
@@ -109,7 +121,7 @@ def test_smoke_dry_run_trains_a_critic_where_tt_q_runs():
         "taxi-stochastic",
         "hopper-random-local",
     }
-    tt_q = [b for r, b in jobs if r == "evaluate" and "planner=tt-q" in b]
+    tt_q = [b for r, b in jobs if r == "evaluate" and "planner=tt-q " in b]
     assert len(tt_q) == 2 and all("paths.critic=results/checkpoints/" in b for b in tt_q)
     tt = [b for r, b in jobs if r == "evaluate" and "planner=tt " in b]
     assert tt and not any("paths.critic" in b or "critic/seed" in b for b in tt)

@@ -68,7 +68,8 @@ def ablation_rows(records: Sequence[Mapping[str, Any]], setting: str) -> list[di
                     "task": task,
                     "method": name,
                     "setting": setting,
-                    "value": value,
+                    # null (the method's default, e.g. the adaptive threshold) as the config spells it.
+                    "value": "null" if value is None else value,
                     "seeds": len(group.seeds),
                     "episodes": group.n_episodes,
                     "return_mean": est.mean,

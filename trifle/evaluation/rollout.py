@@ -29,6 +29,7 @@ from trifle.envs import make_mdp
 from trifle.envs.mujoco import MUJOCO_ENVS, VectorMujocoEnv
 from trifle.envs.tabular import TabularMDP, VectorTabularEnv
 from trifle.errors import ConfigError
+from trifle.evaluation.steps import EpisodeSteps
 from trifle.planning.constraints import Bound, violations
 from trifle.planning.policy import Policy
 
@@ -47,6 +48,8 @@ class EpisodeResults:
     violations: list[int] = field(default_factory=list)  # steps whose action broke the constraint
     plan_seconds: float = 0.0  # wall time inside Policy.act
     env_steps: int = 0  # environment steps taken, all episodes together
+    # Every episode's executed states, actions and rewards (the optimality score reads them).
+    trajectories: list[EpisodeSteps] = field(default_factory=list)
 
     @property
     def step_seconds(self) -> float:
@@ -66,6 +69,7 @@ class EpisodeResults:
         self.violations += other.violations
         self.plan_seconds += other.plan_seconds
         self.env_steps += other.env_steps
+        self.trajectories += other.trajectories
 
 
 def tabular_factory(mdp: TabularMDP) -> EnvFactory:
@@ -100,12 +104,17 @@ def _batch_rollout(
     success = np.zeros(num_envs, bool)
     active = np.ones(num_envs, bool)
     out = EpisodeResults()
+    seen: list[list[tuple[np.ndarray, np.ndarray, float]]] = [[] for _ in range(num_envs)]
     while active.any():
         ids = np.flatnonzero(active)
         started = time.perf_counter()
         actions = np.asarray(policy.act(ids, obs[ids]), np.float64)
         out.plan_seconds += time.perf_counter() - started
-        obs, reward, terminated, truncated, info = env.step(_env_actions(env, actions, ids))
+        executed = _env_actions(env, actions, ids)
+        before = obs
+        obs, reward, terminated, truncated, info = env.step(executed)
+        for i in ids:
+            seen[i].append((before[i], np.atleast_1d(executed[i]), float(reward[i])))
         policy.record(ids, actions, reward[ids])
         returns[ids] += reward[ids]
         steps[ids] += 1
@@ -119,6 +128,14 @@ def _batch_rollout(
     out.returns, out.steps = returns.tolist(), steps.tolist()
     out.penalties, out.successes = penalties.tolist(), success.tolist()
     out.violations = broken.tolist()
+    out.trajectories = [
+        EpisodeSteps(
+            obs=np.array([o for o, _, _ in episode], np.float64),
+            actions=np.array([a for _, a, _ in episode], np.float64),
+            rewards=np.array([r for _, _, r in episode], np.float64),
+        )
+        for episode in seen
+    ]
     return out
 
 

@@ -180,6 +180,30 @@ def kept_bins(value_probs: torch.Tensor, top_ratio: float, rule: str = "mass") -
     return torch.where(above.any(dim=-1, keepdim=True), above, at_or_above)
 
 
+def fixed_kept_levels(marginal: torch.Tensor, quantile: float) -> torch.Tensor:
+    """A fixed threshold (``planner.fixed_threshold``; Table 7(b)'s ablation, docs/paper.md#adaptive-threshold):
+    weight 1 on every level at or above the ``quantile``-quantile of the target's *marginal* p(G), the
+    same levels for every state and action prefix.
+
+    Level j is kept when the marginal mass strictly below it reaches ``quantile``: with 100 value bins
+    of equal data mass (the quantile discretizer) ``quantile = 0.9`` keeps bins 90..99, the paper's
+    "v = 90 of the 0-99 value bins". If no level qualifies (the top level's own mass exceeds
+    1 - quantile) the top level is kept, so the proposal never conditions on an empty set. This is the
+    rule the adaptive threshold (:func:`kept_bins`) is compared against: it ignores what is reachable
+    from the current state, so it asks too much where every outcome is poor and too little where every
+    outcome is good.
+    """
+    if not 0.0 < float(quantile) < 1.0:
+        raise ValueError(f"fixed threshold quantile {quantile!r}: expected a number in (0, 1)")
+    probs = marginal.double()
+    below = probs.cumsum(dim=-1) - probs
+    # A relative tolerance, so that equal-mass bins' float sums (0.9 as 0.8999...) land where they should.
+    kept = (below >= (float(quantile) - 1e-9) * probs.sum()).double()
+    if not kept.any():
+        kept[-1] = 1.0
+    return kept
+
+
 CORRECTION_TARGETS = ("return", "value")
 
 
@@ -254,7 +278,9 @@ def candidate_scores(
     target: int | CorrectionTarget,
     keep: torch.Tensor,
     soft: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    one_pass: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For every candidate c < num_candidates of variable ``var``: p(target in kept | evidence, var = c).
 
     ``target`` is a :class:`CorrectionTarget`, or an int: the value variable (the ``value`` target over
@@ -263,14 +289,45 @@ def candidate_scores(
     times :func:`constraint_likelihood`, i.e. proportional (over c) to
     p(target in kept, constraint | evidence, var = c).
 
-    Batched queries of ``B * num_candidates`` rows. Returns ``(scores [B, nc], dists [B, nc, nb])``
-    where ``dists`` are the per-candidate target distributions p(target | evidence, var = c) over its
-    ``nb = keep.size(-1)`` levels: the planner reuses the chosen candidate's distribution as the
-    next dimension's p(target | s, a^{<i+1}), as the released code does.
+    Two paths give the same scores (tests/test_one_pass_scores.py). If the circuit has
+    ``candidate_marginals`` (TorchCircuit) and ``one_pass`` is set, every candidate is scored by one
+    pass over the distinct evidence rows (:func:`one_pass_scores`) and ``dists`` is None: the planner
+    asks for the chosen candidate's distribution once it is known. Otherwise (the pyjuice adapter, the
+    oracle tables, or ``one_pass=False``: the reference) each candidate is its own evidence row,
+    ``B * num_candidates`` rows, and ``dists`` ``[B, nc, nb]`` holds every candidate's target
+    distribution p(target | evidence, var = c) over its ``nb = keep.size(-1)`` levels, of which the
+    planner reuses the chosen one as the next dimension's p(target | s, a^{<i+1}).
     """
-    b, nb = x.size(0), keep.size(-1)
     if not isinstance(target, CorrectionTarget):
-        target = CorrectionTarget.value(int(target), nb)
+        target = CorrectionTarget.value(int(target), keep.size(-1))
+    if one_pass and hasattr(circuit, "candidate_marginals"):
+        scores, dists = one_pass_scores(circuit, x, missing, var, num_candidates, target, keep, soft), None
+    else:
+        scores, dists = _per_candidate_scores(circuit, x, missing, var, num_candidates, target, keep, soft)
+    if soft is not None:
+        scores = scores * constraint_likelihood(circuit, x, missing, var, num_candidates, soft)
+    return scores, dists
+
+
+class PerCandidate:
+    """A circuit seen without its ``candidate_marginals``, so that :func:`candidate_scores` takes the
+    per-candidate (reference) path everywhere, the planner included: how tests and
+    benchmarks/mujoco_planning_speed.py compare the two paths side by side."""
+
+    def __init__(self, circuit):
+        self.circuit = circuit
+
+    def __getattr__(self, name: str):
+        if name == "candidate_marginals":
+            raise AttributeError(name)
+        return getattr(self.circuit, name)
+
+
+def _per_candidate_scores(
+    circuit, x, missing, var, num_candidates, target: CorrectionTarget, keep, soft
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path: one evidence row per (row, candidate), ``(scores, dists)``."""
+    b, nb = x.size(0), keep.size(-1)
     cand = torch.arange(num_candidates, device=x.device)
     xb = x.repeat_interleave(num_candidates, dim=0)
     mb = missing.repeat_interleave(num_candidates, dim=0)
@@ -278,9 +335,141 @@ def candidate_scores(
     mb[:, var] = False
     dists = target.distribution(circuit, xb, mb, soft).view(b, num_candidates, nb)
     scores = (dists * keep[:, None, :].to(dists.dtype)).sum(dim=-1)
-    if soft is not None:
-        scores = scores * constraint_likelihood(circuit, x, missing, var, num_candidates, soft)
     return scores, dists
+
+
+def one_pass_scores(
+    circuit,
+    x: torch.Tensor,
+    missing: torch.Tensor,
+    var: int,
+    num_candidates: int,
+    target: CorrectionTarget,
+    keep: torch.Tensor,
+    soft: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`candidate_scores`' scores ``[B, nc]`` (before the constraint factor) from
+    ``circuit.candidate_marginals``, i.e. without one evidence row per candidate.
+
+    The derivative of the circuit with respect to var's evidence row is p(var = c, e) for every c at
+    once (TorchCircuit.candidate_marginals). Writing the kept levels as soft evidence on the value
+    variable V (weight ``keep_j`` on bin j) makes it p(V in kept, var = c, e); weight 1 on V's real bins
+    makes it p(V real, var = c, e). Their ratio is the ``value`` target's score
+    sum_j keep_j p(V = j | e, var = c, V real): two evidence rows per distinct row, one upward and one
+    downward pass, however many candidates.
+
+    The ``return`` target G = r + gamma V: for each reward bin k, with r = k observed, the same ratio
+    with weights keep_k[j] = keep[level(k, j)] gives sum_j keep_k[j] p(V = j | e, var = c, r = k), and
+    p(r = k, var = c, e), normalised over the real reward bins, gives p(r = k | e, var = c): the score
+    is their mixture. Normalising V per reward bin and r over its real bins is exactly what
+    :meth:`CorrectionTarget.distribution` does, so both paths agree.
+
+    Precision: the circuit returns gradients of log Z (ratios to the row's own p(e)), never log Z, whose
+    float32 rounding (eps * |log Z|) would not cancel between rows. The ratio of two rows' Z comes from
+    the derivative with respect to the reweighted variable in one of them, Z_w / Z_d =
+    sum_j w_j dZ_d/dE[V, j] / sum_j d_j dZ_d/dE[V, j] (Z is linear in V's row), and likewise
+    p(r = k | e) from a row with r unobserved.
+
+    ``soft`` multiplies into every weighting (V's and r's own weights count, as in the reference's
+    conditionals). A candidate of probability zero scores 0 (the reference gives NaN). A row whose pass
+    has no answer (NaN: zero-probability evidence, or a sum node the evidence makes exactly zero,
+    neither possible with EM's pseudocount) is scored by the per-candidate path instead.
+    """
+    dev = x.device
+    x = torch.where(missing, torch.zeros_like(x), x)
+    x[:, var] = 0
+    missing = missing.clone()
+    missing[:, var] = True
+    keep = keep.double().to(dev).expand(x.size(0), -1)
+    first, inverse = unique_rows(torch.cat([x.double(), missing.double(), keep], dim=1))
+    xu, mu, ku = x[first], missing[first], keep[first]
+    u, cats, vv, vb = len(first), circuit.num_cats, target.value_var, target.value_bins
+    base = torch.ones(circuit.num_vars, cats, dtype=torch.float64, device=dev)
+    if soft is not None:
+        base.copy_(soft)
+    base[var] = 1.0  # var's own row: its gradient is then p(var = c | e), in [0, 1]
+    real = torch.zeros(cats, dtype=torch.float64, device=dev)
+    real[:vb] = 1.0
+    real = real * base[vv]
+    if target.reward_var is None:
+        kept = torch.zeros(u, cats, dtype=torch.float64, device=dev)
+        kept[:, :vb] = ku
+        kept = kept * base[vv]
+        weights = torch.stack([kept, real.expand(u, -1)], dim=1)  # [u, 2, C]
+        grads = _weighted_gradients(circuit, xu, mu, [var, vv], vv, weights, base)  # [u, 2, 2, C]
+        scores = _kept_ratio(grads[:, 0], grads[:, 1], kept, real)
+    else:
+        r, nr = target.reward_var, target.reward_bins
+        kept = torch.zeros(u, nr, cats, dtype=torch.float64, device=dev)
+        kept[:, :, :vb] = ku[:, target.levels.to(dev)].view(u, nr, vb)
+        kept = kept * base[vv]
+        rows = [kept, real.expand(u, nr, -1)]
+        if not torch.equal(real, base[vv]):  # V has categories outside its real bins (the pad)
+            rows.append(base[vv].expand(u, nr, -1))
+        xr, mr = xu.repeat_interleave(nr, dim=0), mu.repeat_interleave(nr, dim=0)
+        xr[:, r] = torch.arange(nr, device=dev).repeat(u)
+        mr[:, r] = False
+        grads = _weighted_gradients(circuit, xr, mr, [var, vv], vv, torch.stack(rows, 2).flatten(0, 1), base)
+        grads = grads.view(u, nr, len(rows), 2, cats)
+        ratio = _kept_ratio(grads[:, :, 0], grads[:, :, 1], kept, real)  # [u, nr, C]
+        # p(r = k, var = c, e) / p(e) = dZ/dE[r, k] / Z (r unobserved) * p(var = c | e, r = k).
+        free = circuit.candidate_marginals(xu, mu, [r], soft_evidence=base.expand(u, -1, -1))
+        p_rk = free.double().to(dev)[:, 0, :nr] * base[r, :nr]
+        joint = p_rk[:, :, None] * grads[:, :, -1, 0]
+        total = joint.sum(dim=1, keepdim=True)
+        p_r = torch.where(total == 0, torch.zeros_like(joint), joint / total)  # NaN stays: no answer
+        scores = (p_r * ratio).sum(dim=1)
+    scores = scores[:, :num_candidates]
+    failed = torch.isnan(scores).any(dim=1)
+    if bool(failed.any()):
+        rows = failed.nonzero().squeeze(1)
+        fallback, _ = _per_candidate_scores(
+            circuit, xu[rows], mu[rows], var, num_candidates, target, ku[rows], soft
+        )
+        scores[rows] = torch.nan_to_num(fallback, nan=0.0)
+    return scores[inverse]
+
+
+def _weighted_gradients(
+    circuit,
+    x: torch.Tensor,
+    missing: torch.Tensor,
+    targets: list[int],
+    weighted: int,
+    weights: torch.Tensor,
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """``circuit.candidate_marginals`` ``[n, J, T, C]`` (float64) for each of J weightings ``weights``
+    ``[n, J, C]`` of variable ``weighted``, the other missing variables weighted by ``base`` ``[V, C]``;
+    in chunks of at most :data:`MAX_QUERY_ROWS` evidence rows."""
+    n, j = weights.shape[:2]
+    xs, ms = x.repeat_interleave(j, dim=0), missing.repeat_interleave(j, dim=0)
+    flat = weights.flatten(0, 1)
+    outs = []
+    for lo in range(0, n * j, MAX_QUERY_ROWS):
+        hi = min(lo + MAX_QUERY_ROWS, n * j)
+        soft = base.expand(hi - lo, -1, -1).clone()
+        soft[:, weighted] = flat[lo:hi]
+        out = circuit.candidate_marginals(xs[lo:hi], ms[lo:hi], targets, soft_evidence=soft)
+        outs.append(out.double().to(x.device))
+    return torch.cat(outs).view(n, j, len(targets), -1)
+
+
+def _kept_ratio(
+    g_kept: torch.Tensor, g_real: torch.Tensor, kept: torch.Tensor, real: torch.Tensor
+) -> torch.Tensor:
+    """p(V in kept, var = c, e) / p(V real, var = c, e) ``[..., C]`` from the two rows' gradients
+    ``[..., 2, C]`` (target 0: var, target 1: V) and V's weights in them, ``kept`` ``[..., C]`` and
+    ``real`` ``[C]``. 0 where nothing is kept or the candidate has probability zero."""
+    g_v = g_real[..., 1, :]
+    z_ratio = (kept * g_v).sum(dim=-1) / (real * g_v).sum(dim=-1)  # Z_kept / Z_real
+    # p(var = c | e) in each row (var's row is all ones, so each sums to 1: dividing by the computed
+    # sum cancels the rounding the two downward passes share per row).
+    p_kept = g_kept[..., 0, :] / g_kept[..., 0, :].sum(dim=-1, keepdim=True)
+    p_real = g_real[..., 0, :] / g_real[..., 0, :].sum(dim=-1, keepdim=True)
+    out = z_ratio[..., None] * p_kept / p_real
+    dead = (z_ratio[..., None] == 0) | (p_real == 0)
+    return torch.where(dead, torch.zeros_like(out), out)
 
 
 def constraint_evidence(layout: WindowLayout, allowed: dict[int, torch.Tensor]) -> torch.Tensor:

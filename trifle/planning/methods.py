@@ -22,7 +22,8 @@ group, as Hydra does), so the tables can be written without composing a config, 
 the evaluate stage's config slice: relabelling or reordering a method reruns no evaluation.
 
 Table names: ``summary`` (the discrete toy tasks' table), ``mujoco`` (the Gym-MuJoCo score table),
-``constrained`` (the action-constrained Gym-MuJoCo table).
+``constrained`` (the action-constrained Gym-MuJoCo table), ``optimality`` (the inference-time optimality
+score: the workflow scores the method's runs where its config turns the score on).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from trifle.errors import ConfigError
 PLANNER_DIR = Path(__file__).resolve().parents[1] / "conf" / "planner"
 #: Inputs an evaluate job can be given (the workflow maps each to its file).
 INPUTS = ("tokens", "labeled", "gpt", "pc", "dt", "critic")
-TABLES = ("summary", "mujoco", "constrained")
+TABLES = ("summary", "mujoco", "constrained", "optimality")
 REGISTRY_KEYS = ("policy", "needs", "label", "order", "tables", "reference")
 
 

@@ -59,6 +59,7 @@ from trifle.planning.circuit_queries import (
     candidate_scores,
     constraint_evidence,
     expected_multistep_value,
+    fixed_kept_levels,
     kept_bins,
 )
 from trifle.planning.constraints import Bound, allowed_bins, parse_constraint
@@ -90,8 +91,16 @@ OPTIONAL_KEYS = ("registry",)
 #: ``terminal_value`` (optional for every method, default ``gpt``): the value a plan ends with, TT's GPT
 #: value token (``gpt``) or an offline critic's Q of the last planned state and action (``critic``:
 #: TT(+Q), docs/planning.md#ttq). trifle-m's plan value is the circuit's, so it takes ``gpt`` only.
-TERMINAL_VALUES = ("gpt", "critic")
-DEFAULTED_KEYS = {"terminal_value": TERMINAL_VALUES[0]}
+#: ``tabular_q``: the Taxi ablation's Q_taxi (trifle.models.tabular_q) in the critic's place.
+TERMINAL_VALUES = ("gpt", "critic", "tabular_q")
+#: ``q_filter`` (optional, tt only, default false): the first planning step's action prior p_GPT(a | s)
+#: reweighted by exp Q_taxi(s, a) (:class:`QFilter`; the Taxi ablation's "action filtering").
+DEFAULTED_KEYS = {"terminal_value": TERMINAL_VALUES[0], "q_filter": False}
+#: ``fixed_threshold`` (optional for the Trifle methods, default null): null = the adaptive threshold
+#: (``top_ratio`` under ``value_threshold``); a number q in (0, 1) = a fixed threshold, the levels at or
+#: above the q-quantile of the circuit's marginal p(G), the same in every state (Table 7(b)'s
+#: comparison; circuit_queries.fixed_kept_levels).
+TRIFLE_DEFAULTED_KEYS = {"fixed_threshold": None}
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,13 @@ class PlannerSettings:
     multistep_value: str | None = None
     correction_target: str | None = None
     terminal_value: str = TERMINAL_VALUES[0]
+    fixed_threshold: float | None = None
+    q_filter: bool = False
+
+    @property
+    def needs_tabular_q(self) -> bool:
+        """Whether the planner reads Q_taxi, the data's tabular Q (filter or terminal value)."""
+        return self.q_filter or self.terminal_value == "tabular_q"
 
     def beam(self, discount: float) -> BeamSettings:
         return BeamSettings(
@@ -167,11 +183,11 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         raise ConfigError(f"planner.method: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     allowed = BEAM_KEYS + (TRIFLE_KEYS if method in TRIFLE_METHODS else ())
     allowed += TRIFLE_M_KEYS if method == "trifle-m" else ()
+    defaulted = tuple(DEFAULTED_KEYS) + (tuple(TRIFLE_DEFAULTED_KEYS) if method in TRIFLE_METHODS else ())
     for key in cfg:
-        if key not in allowed + OPTIONAL_KEYS + tuple(DEFAULTED_KEYS):
+        if key not in allowed + OPTIONAL_KEYS + defaulted:
             raise ConfigError(
-                f"planner.{key}: not a key of method {method!r}; valid keys: "
-                f"{', '.join(allowed + tuple(DEFAULTED_KEYS))}"
+                f"planner.{key}: not a key of method {method!r}; valid keys: {', '.join(allowed + defaulted)}"
             )
     for key in allowed:
         if key not in cfg:
@@ -195,11 +211,22 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         raise ConfigError(
             f"planner.terminal_value: expected one of {', '.join(TERMINAL_VALUES)}, got {terminal_value!r}"
         )
-    if terminal_value == "critic" and method == "trifle-m":
+    if terminal_value != "gpt" and method == "trifle-m":
         raise ConfigError(
-            "planner.terminal_value=critic: trifle-m scores plans with the circuit's multi-step value, "
-            "not with a terminal value; expected gpt"
+            f"planner.terminal_value={terminal_value}: trifle-m scores plans with the circuit's multi-step "
+            "value, not with a terminal value; expected gpt"
         )
+    q_filter = cfg.get("q_filter", DEFAULTED_KEYS["q_filter"])
+    if not isinstance(q_filter, bool):
+        raise ConfigError(f"planner.q_filter: expected true or false, got {q_filter!r}")
+    if q_filter and method != "tt":
+        raise ConfigError(
+            f"planner.q_filter=true: the Q filter reshapes TT's first action distribution, a slot method "
+            f"{method!r} fills with the circuit's correction; expected method tt"
+        )
+    fixed = cfg.get("fixed_threshold")
+    if fixed is not None:
+        fixed = _fraction(cfg, "fixed_threshold", closed_top=False)
     return PlannerSettings(
         method=method,
         beam_width=_int(cfg, "beam_width", 1),
@@ -218,6 +245,8 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         multistep_value=cfg.get("multistep_value"),
         correction_target=cfg.get("correction_target"),
         terminal_value=terminal_value,
+        fixed_threshold=fixed,
+        q_filter=q_filter,
     )
 
 
@@ -228,7 +257,8 @@ class CircuitProposal:
     where G is the correction target (circuit_queries.CorrectionTarget: the return-to-go or V_t) and
     "kept" the top ``top_ratio`` of p_PC(G | s_t, a^{<i}) under the ``value_threshold`` rule
     (circuit_queries.kept_bins; weights, so the quantile level may count in part). After a^i is
-    sampled the threshold distribution becomes the chosen candidate's p_PC(G | s_t, a^{<=i}).
+    sampled the threshold distribution becomes the chosen candidate's p_PC(G | s_t, a^{<=i}): with the
+    one-pass scores (circuit_queries.one_pass_scores) one query over the chosen rows, asked for lazily.
 
     Under an action constraint C (``soft``: the allowed bins as evidence, circuit_queries.constraint_evidence)
     every query also conditions on C, and each candidate's score is p(V in kept, C | s_t, a^{<i}, a^i = c)
@@ -245,11 +275,14 @@ class CircuitProposal:
         target: int | CorrectionTarget,
         soft: torch.Tensor | None = None,
         value_threshold: str = VALUE_THRESHOLDS[0],
+        fixed_threshold: float | None = None,
     ):
         """``target``: what is thresholded (a CorrectionTarget), or an int, the number of value bins
-        (the ``value`` target, V_t of the window's first transition)."""
+        (the ``value`` target, V_t of the window's first transition). ``fixed_threshold``: None for the
+        adaptive threshold, else the marginal quantile of a fixed one (circuit_queries.fixed_kept_levels)."""
         self.circuit, self.layout, self.obs = circuit, layout, obs
         self.top_ratio, self.value_threshold = top_ratio, value_threshold
+        self.fixed_threshold, self._fixed_keep = fixed_threshold, None
         if not isinstance(target, CorrectionTarget):
             target = CorrectionTarget.value(layout.value_var(0), int(target))
         self.target = target
@@ -257,10 +290,30 @@ class CircuitProposal:
 
     def begin(self, env_of_row: torch.Tensor) -> None:
         self.x, self.missing = self.layout.evidence(self.obs[env_of_row])
-        self.val_probs = self.target.distribution(self.circuit, self.x, self.missing, self.soft)
+        self.val_probs = None  # p(G | s_t, a^{<i}): asked for when the adaptive threshold needs it
+
+    def _value_probs(self) -> torch.Tensor:
+        """p(G | s_t, a^{<i}) ``[B, L]``: the previous dimension's chosen candidate's distribution when
+        the per-candidate path computed it, else one query over the rows' current evidence."""
+        if self.val_probs is None:
+            self.val_probs = self.target.distribution(self.circuit, self.x, self.missing, self.soft)
+        return self.val_probs
+
+    def fixed_keep(self) -> torch.Tensor:
+        """The fixed threshold's kept levels ``[1, L]``, from the target's marginal p(G) with nothing
+        observed (computed once per proposal: it does not depend on the state)."""
+        if self._fixed_keep is None:
+            x, missing = self.layout.evidence(self.obs[:1])
+            missing[:] = True
+            marginal = self.target.distribution(self.circuit, x, missing, None)[0]
+            self._fixed_keep = fixed_kept_levels(marginal, self.fixed_threshold)[None, :]
+        return self._fixed_keep
 
     def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
-        keep = kept_bins(self.val_probs, self.top_ratio, self.value_threshold)
+        if self.fixed_threshold is None:
+            keep = kept_bins(self._value_probs(), self.top_ratio, self.value_threshold)
+        else:
+            keep = self.fixed_keep().expand(self.x.size(0), -1)
         var = self.layout.act_var(0, dim)
         scores, self.dists = candidate_scores(
             self.circuit, self.x, self.missing, var, logp.size(1), self.target, keep, self.soft
@@ -273,7 +326,10 @@ class CircuitProposal:
     def chosen(self, dim: int, tokens: torch.Tensor) -> None:
         var = self.layout.act_var(0, dim)
         self.x[:, var], self.missing[:, var] = tokens, False
-        self.val_probs = self.dists[torch.arange(tokens.size(0), device=tokens.device), tokens]
+        # The one-pass scores (dists None) leave the chosen candidate's distribution to one query over
+        # the chosen rows, made only if a next dimension asks for it.
+        rows = torch.arange(tokens.size(0), device=tokens.device)
+        self.val_probs = None if self.dists is None else self.dists[rows, tokens]
 
 
 class CircuitValue:
@@ -302,6 +358,33 @@ class CircuitValue:
             discretizer=self.discretizer,
             form=self.form,
         )
+
+
+class QFilter:
+    """The Taxi ablation's "action filtering" (docs/evaluation.md#q-taxi): the first planning step's action
+    prior reweighted by exp Q_taxi(s_t, a), i.e. logits log p_GPT(a | s_t) + Q(s_t, a) with Q in return
+    units (temperature 1, the ablation's form). One discrete action column only; every other filter
+    (``act_support``, ``cdf_act``, ``k_act``) acts as it does for TT, the support filter before it.
+
+    ``obs`` are the current observations' tokens ``[E, obs_dim]``; ``table`` a
+    :class:`trifle.models.tabular_q.TabularQ`; ``obs_values`` / ``act_values`` decode tokens to the
+    environment's values (each bin's representative, as :class:`CriticValue` does).
+    """
+
+    def __init__(self, table, obs: torch.Tensor, obs_values: torch.Tensor, act_values: torch.Tensor):
+        raw = obs_values.gather(1, obs.long().T).T  # [E, obs_dim]
+        self.q_by_env = table.action_values(raw)  # [E, A]
+        self.act_values = act_values[0]  # [V+1]: the action column's decoded values
+
+    def begin(self, env_of_row: torch.Tensor) -> None:
+        self.q = self.q_by_env[env_of_row]
+
+    def logits(self, dim: int, logp: torch.Tensor) -> torch.Tensor:
+        actions = self.act_values[: logp.size(1)].round().long().clamp(0, self.q.size(1) - 1)
+        return logp.double() + self.q[:, actions.to(self.q.device)]
+
+    def chosen(self, dim: int, tokens: torch.Tensor) -> None:
+        pass
 
 
 class CriticValue:
@@ -376,6 +459,7 @@ class BeamPlanner:
         constraint: Sequence[Bound] = (),
         device: str | torch.device = "cpu",
         critic=None,
+        tabular_q=None,
     ):
         self.settings, self.model, self.discretizer = settings, model.eval(), discretizer
         self.obs_dim, self.act_dim = obs_dim, act_dim
@@ -401,9 +485,10 @@ class BeamPlanner:
         self.generator: torch.Generator | None = None
         # TT(+Q): the plan's terminal value from an offline critic (None: the GPT's, as in TT).
         self.critic_value = None
-        if settings.terminal_value == "critic":
+        self.tabular_q = tabular_q
+        if settings.terminal_value in ("critic", "tabular_q"):
             self.critic_value = CriticValue(
-                critic,
+                critic if settings.terminal_value == "critic" else tabular_q,
                 discretizer,
                 obs_dim=obs_dim,
                 act_dim=act_dim,
@@ -419,7 +504,18 @@ class BeamPlanner:
     def _hooks(self, obs: torch.Tensor):
         method = self.settings.method
         if method == "tt":
-            return None, self.critic_value
+            if not self.settings.q_filter:
+                return None, self.critic_value
+            values = self.critic_value or CriticValue(
+                self.tabular_q,
+                self.discretizer,
+                obs_dim=self.obs_dim,
+                act_dim=self.act_dim,
+                vocab_size=self.model.cfg.vocab_size,
+                discount=self.discount,
+                device=self.device,
+            )
+            return QFilter(self.tabular_q, obs, values.obs_values, values.act_values), self.critic_value
         layout = WindowLayout(self.obs_dim, self.act_dim, self.circuit_window, self.circuit.num_cats)
         value_bins = int(self.discretizer.num_bins[-1])
         soft = None
@@ -432,7 +528,14 @@ class BeamPlanner:
         else:
             target = CorrectionTarget.value(layout.value_var(0), value_bins)
         proposal = CircuitProposal(
-            self.circuit, layout, obs, settings.top_ratio, target, soft, settings.value_threshold
+            self.circuit,
+            layout,
+            obs,
+            settings.top_ratio,
+            target,
+            soft,
+            settings.value_threshold,
+            settings.fixed_threshold,
         )
         if method == "trifle-s":
             return proposal, self.critic_value
@@ -487,6 +590,22 @@ def check_critic(settings: PlannerSettings, *, has_critic: bool) -> None:
         raise ConfigError(
             f"paths.critic: planner.terminal_value=critic (method {settings.name!r}) needs a trained critic, "
             "but none was given (run the train_critic stage)"
+        )
+
+
+def check_tabular_q(settings: PlannerSettings, tabular_q, *, act_dim: int) -> None:
+    """A Q_taxi method (``q_filter`` or ``terminal_value: tabular_q``) needs the table, on one action column."""
+    if not settings.needs_tabular_q:
+        return
+    if tabular_q is None:
+        raise ConfigError(
+            f"paths.labeled: method {settings.name!r} reads the data's tabular Q (planner.q_filter / "
+            "terminal_value=tabular_q), learned from the labelled dataset, but none was given"
+        )
+    if act_dim != 1:
+        raise ConfigError(
+            f"planner: method {settings.name!r} uses a tabular Q, which needs one discrete action column; "
+            f"this task has act_dim={act_dim}"
         )
 
 
@@ -551,6 +670,7 @@ def make_planner(
     constraint: Sequence[Mapping[str, Any]] | None = None,
     device: str | torch.device = "cpu",
     critic=None,
+    tabular_q=None,
 ) -> BeamPlanner:
     """A planner from in-memory models (``build_planner`` loads them from checkpoints first).
 
@@ -565,6 +685,7 @@ def make_planner(
     check_critic(settings, has_critic=critic is not None)
     if settings.terminal_value == "critic":
         check_critic_fits(critic, discretizer, obs_dim=obs_dim, act_dim=act_dim, name="critic")
+    check_tabular_q(settings, tabular_q, act_dim=act_dim)
     check_context(settings, block_size=model.cfg.block_size, transition_dim=dim, obs_dim=obs_dim)
     if settings.method in TRIFLE_METHODS and circuit.num_vars != circuit_window * dim:
         raise ConfigError(
@@ -583,6 +704,7 @@ def make_planner(
         constraint=bounds,
         device=device,
         critic=critic if settings.terminal_value == "critic" else None,
+        tabular_q=tabular_q if settings.needs_tabular_q else None,
     )
 
 
@@ -612,6 +734,7 @@ def build_planner(
     constraint: Sequence[Mapping[str, Any]] | None = None,
     device: str = "cpu",
     critic_path: str | None = None,
+    tabular_q=None,
 ) -> BeamPlanner:
     """Validate the config, load the checkpoints (checking they fit ``tokens``) and build the planner.
 
@@ -670,6 +793,7 @@ def build_planner(
         constraint=constraint,
         device=device,
         critic=critic,
+        tabular_q=tabular_q,
     )
 
 
@@ -683,8 +807,17 @@ def beam_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[None, BeamP
     settings = validate_config(planner)
     critic_path = paths.get("critic") if settings.terminal_value == "critic" else None
     check_critic(settings, has_critic=bool(critic_path))  # before any file is read
+    if settings.needs_tabular_q and not paths.get("labeled"):
+        check_tabular_q(settings, None, act_dim=1)
     tokens = load_tokens(paths["tokens"])
     check_env_dims(cfg["task"]["env"], tokens.obs_dim, tokens.act_dim, paths["tokens"])
+    tabular_q = None
+    if settings.needs_tabular_q:
+        from trifle.data.labels import load_labeled
+        from trifle.models.tabular_q import TabularQ
+
+        labeled = load_labeled(paths["labeled"])
+        tabular_q = TabularQ.fit(labeled, cfg["task"]["labels"]["discount"], source=str(paths["labeled"]))
     policy = build_planner(
         planner,
         gpt_path=paths["gpt"],
@@ -695,6 +828,7 @@ def beam_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[None, BeamP
         constraint=cfg["task"]["action_constraint"],
         device=device,
         critic_path=critic_path,
+        tabular_q=tabular_q,
     )
     return [(None, policy)]
 

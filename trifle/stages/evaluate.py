@@ -14,6 +14,9 @@ top-level results are those of the target with the best mean return (ties: the f
 ``target_return``. Choosing the best target on the evaluation episodes themselves is the paper's
 protocol for Taxi (six targets, best reported); it is an optimistic selection (the maximum of several
 noisy means), so the DT row is biased upwards by up to the spread of those means.
+
+Beside the record, ``paths.eval_steps`` gets the reported episodes' executed states, actions and
+rewards (trifle.evaluation.steps), which the optimality score reads; the record itself does not hold them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from trifle.devices import resolve_device
 from trifle.envs.mujoco import MUJOCO_ENVS, normalized_score
 from trifle.evaluation.rollout import EpisodeResults, env_factory, evaluate_policy
+from trifle.evaluation.steps import ExecutedSteps, save_steps
 from trifle.io import write_json
 from trifle.planning.constraints import parse_constraint
 from trifle.planning.methods import method
@@ -85,7 +89,7 @@ def run(cfg: dict[str, Any]) -> Path:
     planner, ev = cfg["planner"], cfg["eval"]
     # Violations are counted against the task's constraint for every method, constrained or not.
     constraint = parse_constraint(cfg["task"]["action_constraint"])
-    outcomes = []
+    outcomes, rollouts = [], []
     for target, policy in policies:
         # Same seed for every target: the same environment seeds, episode by episode.
         results = evaluate_policy(
@@ -99,7 +103,10 @@ def run(cfg: dict[str, Any]) -> Path:
             name=cfg["task"]["name"] if target is None else f"{cfg['task']['name']} target {target:g}",
         )
         outcomes.append(_outcome(cfg, results))
+        rollouts.append(results)
     best = best_target(outcomes)
+    # The reported episodes' states, actions and rewards, beside the record (which stays as it was).
+    save_steps(steps_path(cfg), ExecutedSteps.from_episodes(rollouts[best].trajectories))
     record: dict[str, Any] = {
         "task": cfg["task"]["name"],
         "method": planner["name"],
@@ -125,6 +132,13 @@ def run(cfg: dict[str, Any]) -> Path:
     out = Path(cfg["paths"]["eval"])
     write_json(out, record)
     return out
+
+
+def steps_path(cfg: dict[str, Any]) -> Path:
+    """``paths.eval_steps``; null puts the steps beside the record (``seed0.json`` -> ``seed0.steps.npz``),
+    so a run that names only its record never writes into another run's folder."""
+    path = cfg["paths"].get("eval_steps")
+    return Path(path) if path else Path(cfg["paths"]["eval"]).with_suffix(".steps.npz")
 
 
 def dataset_kind(task: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ rule evaluate_ablation:
     input:
         unpack(evaluation_inputs),
     output:
-        "results/ablations/{study}/{task}/{method}/{value}/seed{seed}.json",
+        eval="results/ablations/{study}/{task}/{method}/{value}/seed{seed}.json",
+        steps="results/ablations/{study}/{task}/{method}/{value}/seed{seed}.steps.npz",
     log:
         "logs/ablations/{study}/{task}/{method}/{value}/seed{seed}.log",
     params:
@@ -25,7 +26,8 @@ rule evaluate_ablation:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle evaluate {params.overrides} threads={threads} {params.paths} paths.eval={output:q} > {log:q} 2>&1"
+        "python -m trifle evaluate {params.overrides} threads={threads} {params.paths} paths.eval={output.eval:q}"
+        " paths.eval_steps={output.steps:q} > {log:q} 2>&1"
 
 
 rule ablation_table:

@@ -1,14 +1,19 @@
 # Helpers shared by all rules: config validation, Hydra composition per job, code fingerprints.
+import os
 import shlex
 
 from snakemake.utils import validate
 
-from trifle.config import available, compose, stage_overrides, stage_slice
+from trifle.config import COMPOSE_CACHE_ENV, available, compose, stage_overrides, stage_slice
 from trifle.fingerprint import code_fingerprint
 from trifle.planning.methods import method
 
 
 validate(config, schema="../schemas/config.schema.yaml")
+
+# Compositions of the group selections persist under .snakemake/ (trifle.config), so a rerun composes
+# nothing with Hydra; jobs inherit the directory. An empty TRIFLE_COMPOSE_CACHE turns it off.
+os.environ.setdefault(COMPOSE_CACHE_ENV, os.path.abspath(".snakemake/trifle-compose"))
 
 _unknown = sorted(set(config["tasks"]) - set(available("task")))
 if _unknown:
@@ -95,8 +100,10 @@ def cli_overrides(stage):
 
 
 def code(stage):
-    """Fingerprint of the package code `stage` runs (Snakemake's code trigger sees only the rule)."""
-    return code_fingerprint(f"trifle.stages.{stage}")
+    """params function: fingerprint of the package code `stage` runs (Snakemake's code trigger sees only
+    the rule). Computed at the first job of the stage, not at parse time: stages outside the DAG cost
+    nothing."""
+    return lambda wildcards: code_fingerprint(f"trifle.stages.{stage}")
 
 
 def method_registry(wildcards):
@@ -184,6 +191,7 @@ def final_targets():
     if evaluation_files_of(MUJOCO_TASKS):
         targets.append("results/tables/mujoco.csv")
     targets += [f"results/tables/ablation_{study}.csv" for study in config.get("ablations", {})]
+    targets += optimality_targets()  # optimality.smk: the optimality table when the config asks for it
     return targets
 
 
@@ -203,8 +211,43 @@ def file_list(wildcards, input):
     return shlex.quote("[" + ",".join(input) + "]")
 
 
+# The inference-time optimality score (workflow config `optimality: true`; rules in optimality.smk).
+wildcard_constraints:
+    kind="state|action",
+
+
+def optimality_files(wildcards=None):
+    """Score files of every (task, method, seed) of the grid whose method lists the optimality table."""
+    if not config.get("optimality", False):
+        return []
+    return [
+        f"results/eval/{task}/{m}/seed{seed}.optimality.json"
+        for task in config["tasks"]
+        for m in task_settings(task)["methods"]
+        if "optimality" in method(m).tables
+        for seed in task_settings(task)["seeds"]
+    ]
+
+
+def optimality_targets():
+    """The default target's share: the optimality table, where there is anything to score."""
+    return ["results/tables/optimality.csv"] if optimality_files() else []
+
+
+def aux_overrides(wildcards):
+    """The job's Hydra overrides plus the model kind its output names."""
+    return (*hydra_overrides(wildcards), f"aux.kind={wildcards.kind}")
+
+
 # Ablation studies (workflow config `ablations:`; rules in ablations.smk): every variant is checked here.
 ABLATIONS = config.get("ablations", {})
+
+
+def value_text(value):
+    """A study value as its path part and Hydra override text (null: the method's default, e.g. the
+    adaptive threshold of `planner.fixed_threshold`)."""
+    return "null" if value is None else str(value)
+
 
 for _study, _spec in ABLATIONS.items():
     _stray = sorted(set(_spec["tasks"]) - set(config["tasks"]))
@@ -221,7 +264,7 @@ for _study, _spec in ABLATIONS.items():
         for _m in _spec["methods"]:
             for _value in _spec["values"]:
                 # Every variant composes and validates now, at DAG build (a bad value names its key).
-                compose([f"task={_task}", f"planner={_m}", *task_settings(_task)["overrides"], f"{_spec['setting']}={_value}"])
+                compose([f"task={_task}", f"planner={_m}", *task_settings(_task)["overrides"], f"{_spec['setting']}={value_text(_value)}"])
 
 
 wildcard_constraints:
@@ -237,7 +280,7 @@ def ablation_overrides(wildcards):
 def ablation_files(wildcards):
     spec = ABLATIONS[wildcards.study]
     return [
-        f"results/ablations/{wildcards.study}/{task}/{m}/{value}/seed{seed}.json"
+        f"results/ablations/{wildcards.study}/{task}/{m}/{value_text(value)}/seed{seed}.json"
         for task in spec["tasks"]
         for m in spec["methods"]
         for value in spec["values"]

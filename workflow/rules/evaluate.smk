@@ -29,7 +29,9 @@ rule evaluate:
     input:
         unpack(evaluation_inputs),
     output:
-        "results/eval/{task}/{method}/seed{seed}.json",
+        eval="results/eval/{task}/{method}/seed{seed}.json",
+        # The reported episodes' executed states, actions and rewards (read by the optimality score).
+        steps="results/eval/{task}/{method}/seed{seed}.steps.npz",
     log:
         "logs/evaluate/{task}/{method}/seed{seed}.log",
     params:
@@ -45,4 +47,5 @@ rule evaluate:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle evaluate {params.overrides} threads={threads} {params.paths} paths.eval={output:q} > {log:q} 2>&1"
+        "python -m trifle evaluate {params.overrides} threads={threads} {params.paths} paths.eval={output.eval:q}"
+        " paths.eval_steps={output.steps:q} > {log:q} 2>&1"

@@ -11,7 +11,8 @@ The pyjuice node graph is compiled once into depth-ordered layers:
 
 Conditionals and EM statistics come from one backward pass of autograd: d log Z / d log E gives the
 posterior marginal of every variable at once, and theta * d log Z / d theta gives pyjuice's
-parameter flows.
+parameter flows. d log Z / d E itself (``candidate_marginals``) is p(X_v = c, e) / p(e) for every
+category c, which is how the planner scores all candidates of an action dimension in one pass.
 """
 
 from __future__ import annotations
@@ -294,8 +295,12 @@ class TorchCircuit(torch.nn.Module):
         """log Z(E) per sample [B] for evidence weights ``ev`` [B, V, C]; parameters may be overridden
         (EM passes leaf tensors that require grad to read flows off autograd)."""
         p_in = self.input_params if input_params is None else input_params
-        p_sum = self.sum_params() if sum_params is None else sum_params
         leaf = torch.bmm(ev.transpose(0, 1), p_in.transpose(1, 2)).log()  # [V, B, Lmax]
+        return self._upward(leaf, sum_params)
+
+    def _upward(self, leaf: torch.Tensor, sum_params=None) -> torch.Tensor:
+        """log Z per sample [B] from the leaves' log-values ``leaf`` [V, B, Lmax]."""
+        p_sum = self.sum_params() if sum_params is None else sum_params
         vals: dict[int, torch.Tensor] = {}
         for i, v, off, n in self.plan.input_ops:
             vals[i] = leaf[v, :, off : off + n]
@@ -338,15 +343,57 @@ class TorchCircuit(torch.nn.Module):
         """p(X_t = c | evidence on the other variables) for every target t, shape [B, T, C], from one
         upward and one downward (autograd) pass; each target is treated as missing."""
         targets = self._check_targets(target_vars)
+        own, grad = self._target_gradients(x, missing, targets, soft_evidence)
+        post = own * grad
+        return post / post.sum(dim=-1, keepdim=True)
+
+    def candidate_marginals(
+        self, x: torch.Tensor, missing, target_vars: Sequence[int], soft_evidence=None
+    ) -> torch.Tensor:
+        """d log Z / dE[t, c] = p(X_t = c, e_{-t}) / p(e) for every category c of every target t, [B, T, C].
+
+        Why one pass gives every candidate: Z(E) is linear in each variable's evidence row E[t, :] (every
+        leaf reads one variable, and a decomposable product never multiplies two leaves of the same
+        variable), so dZ / dE[t, c] is Z with that row replaced by the one-hot of c, i.e. the joint
+        p(X_t = c, e_{-t}) of candidate c with the evidence on the other variables (their soft weights
+        included, e.g. "V in the kept levels" as weights on the value variable). One upward and one
+        downward pass thus answer what C evidence rows, one per candidate, would. Targets are treated
+        as missing and their own soft weights count in Z only: with weights w_t,
+        sum_c w_t[c] * out[t, c] = 1, and ``conditional`` is ``w_t * out`` normalised.
+
+        Returned relative to p(e), not as log-joints: log Z itself has float32 rounding of order
+        eps * |log Z|, which would not cancel between two evidence rows, while these ratios are as
+        precise as ``conditional``'s and the caller's ratios of them never need Z. Only the targets'
+        leaves take part in autograd. Evidence of probability zero gives NaN (0/0 in the downward
+        pass, as a sum node the evidence makes exactly zero does), which callers treat as no answer.
+        """
+        targets = self._check_targets(target_vars)
+        _, grad = self._target_gradients(x, missing, targets, soft_evidence)
+        return grad
+
+    def _target_gradients(
+        self, x: torch.Tensor, missing, targets: list[int], soft_evidence
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets' evidence rows E[:, targets] [B, T, C] (treated as missing) and d log Z / d them."""
+        distinct = list(dict.fromkeys(targets))
+        if len(distinct) < len(targets):  # a repeated target: one leaf row, answered once per mention
+            own, grad = self._target_gradients(x, missing, distinct, soft_evidence)
+            where = [distinct.index(t) for t in targets]
+            return own[:, where], grad[:, where]
         x = self._check_x(x)
         miss = self._check_missing(missing, x.size(0)).clone()
         miss[:, targets] = True
-        ev = self.evidence(x, miss, soft_evidence).requires_grad_(True)
+        ev = self.evidence(x, miss, soft_evidence)
+        p_in = self.input_params
+        with torch.no_grad():
+            leaf = torch.bmm(ev.transpose(0, 1), p_in.transpose(1, 2)).log()  # [V, B, Lmax]
+        own = ev[:, targets, :].clone().requires_grad_(True)
         with torch.enable_grad():
-            logz = self.forward_evidence(ev)
-            (grad,) = torch.autograd.grad(logz.sum(), ev)
-        post = (ev.detach() * grad)[:, targets, :]
-        return post / post.sum(dim=-1, keepdim=True)
+            leaf = leaf.clone()
+            leaf[targets] = torch.bmm(own.transpose(0, 1), p_in[targets].transpose(1, 2)).log()
+            logz = self._upward(leaf)
+            (grad,) = torch.autograd.grad(logz.sum(), own)
+        return own.detach(), grad
 
     def _check_targets(self, target_vars: Sequence[int]) -> list[int]:
         targets = [int(t) for t in target_vars]
