@@ -100,10 +100,10 @@ def test_workflow_runs_each_variant_on_the_task_models(tmp_path):
     assert counts["train_gpt"] == counts["train_pc"] == 2 and "evaluate" not in counts
     assert (
         "planner.horizon=1" in out
-        and "results/ablations/horizon/taxi-stochastic/trifle-s/3/seed1.json" in out
+        and "results/eval/ablations/horizon/taxi-stochastic/trifle-s/3/seed1.json" in out
     )
     # A null value (the method's default: the adaptive threshold) is a path part and an override "null".
-    assert "results/ablations/fixed_threshold/taxi-stochastic/trifle-s/null/seed0.json" in out
+    assert "results/eval/ablations/fixed_threshold/taxi-stochastic/trifle-s/null/seed0.json" in out
     assert "planner.fixed_threshold=null" in out and "planner.fixed_threshold=0.9" in out
 
 

@@ -128,6 +128,8 @@ def test_every_output_has_provenance_and_every_job_a_log(produced):
         assert '"commit"' in info.read_text()
     logs = [p.relative_to(project / "logs").parts[0] for p in project.glob("logs/**/*.log")]
     assert sorted(set(logs)) == [
+        "ablation_table",
+        "ablations",
         "dataset",
         "evaluate",
         "labels",
@@ -189,10 +191,13 @@ def test_hyperparameter_change_reruns_exactly_the_jobs_that_read_it(produced):
     counts = job_counts(snakemake(changed, "-n").stdout)
     # The circuit feeds only the Trifle methods' evaluations (trifle-dt included), not tt, tt-safe, tt-q or dt.
     # Their optimality scores follow (Taxi's 4 and FrozenLake's 2; on Hopper trifle-s and trifle-s-q, not
-    # trifle-s-safe, whose registry does not list the score), and the optimality table.
+    # trifle-s-safe, whose registry does not list the score), and the optimality table; the smoke's
+    # fixed-threshold study (trifle-s at two values) and its table.
     assert counts == {
         "train_pc": 3,
         "evaluate": 6 + 3,
+        "evaluate_ablation": 2,
+        "ablation_table": 1,
         "optimality": 6 + 2,
         "optimality_table": 1,
         "models_table": 1,

@@ -7,8 +7,8 @@ rule evaluate_ablation:
     input:
         unpack(evaluation_inputs),
     output:
-        eval="results/ablations/{study}/{task}/{method}/{value}/seed{seed}.json",
-        steps="results/ablations/{study}/{task}/{method}/{value}/seed{seed}.steps.npz",
+        eval="results/eval/ablations/{study}/{task}/{method}/{value}/seed{seed}.json",
+        steps="results/eval/ablations/{study}/{task}/{method}/{value}/seed{seed}.steps.npz",
     log:
         "logs/ablations/{study}/{task}/{method}/{value}/seed{seed}.log",
     params:

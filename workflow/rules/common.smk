@@ -280,7 +280,7 @@ def ablation_overrides(wildcards):
 def ablation_files(wildcards):
     spec = ABLATIONS[wildcards.study]
     return [
-        f"results/ablations/{wildcards.study}/{task}/{m}/{value_text(value)}/seed{seed}.json"
+        f"results/eval/ablations/{wildcards.study}/{task}/{m}/{value_text(value)}/seed{seed}.json"
         for task in spec["tasks"]
         for m in spec["methods"]
         for value in spec["values"]
