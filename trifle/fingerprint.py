@@ -66,6 +66,20 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 
 @functools.cache
+def _parsed(name: str, root: Path) -> tuple[str, frozenset[str]] | None:
+    """One module's docstring-free AST dump and the modules it imports (None outside the package).
+
+    Cached per process: a DAG build fingerprints every stage, and the stages share most of their
+    modules, so each file is read and parsed once rather than once per stage."""
+    path = _module_file(name, root)
+    if path is None:
+        return None
+    tree = ast.parse(path.read_text(), filename=str(path))
+    imports = frozenset(imported_modules(tree, name, path.name == "__init__.py"))
+    return ast.dump(_strip_docstrings(tree)), imports
+
+
+@functools.cache
 def code_fingerprint(module: str, *more: str, root: Path = PACKAGE_ROOT) -> str:
     """sha256 over the docstring-free ASTs of ``module`` (and ``more``) and the trifle modules they reach.
 
@@ -76,15 +90,16 @@ def code_fingerprint(module: str, *more: str, root: Path = PACKAGE_ROOT) -> str:
     pending = [module, *more]
     while pending:
         name = pending.pop()
-        path = _module_file(name, Path(root))
-        if name in seen or path is None:
+        if name in seen:
             continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        pending.extend(imported_modules(tree, name, path.name == "__init__.py"))
+        parsed = _parsed(name, Path(root))
+        if parsed is None:
+            continue
+        seen[name], imports = parsed
+        pending.extend(imports)
         # Parent packages run on import too.
         if "." in name:
             pending.append(name.rpartition(".")[0])
-        seen[name] = ast.dump(_strip_docstrings(tree))
     digest = hashlib.sha256()
     for name in sorted(seen):
         digest.update(name.encode() + b"\0" + seen[name].encode() + b"\0")
