@@ -65,17 +65,20 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@functools.cache
 def _parsed(name: str, root: Path) -> tuple[str, frozenset[str]] | None:
-    """One module's docstring-free AST dump and the modules it imports (None outside the package).
-
-    Cached per process: a DAG build fingerprints every stage, and the stages share most of their
-    modules, so each file is read and parsed once rather than once per stage."""
+    """One module's docstring-free AST dump and the modules it imports (None outside the package)."""
     path = _module_file(name, root)
     if path is None:
         return None
-    tree = ast.parse(path.read_text(), filename=str(path))
-    imports = frozenset(imported_modules(tree, name, path.name == "__init__.py"))
+    return _parse_source(name, path.name == "__init__.py", path.read_text(), str(path))
+
+
+@functools.cache
+def _parse_source(name: str, is_package: bool, source: str, filename: str) -> tuple[str, frozenset[str]]:
+    """Cached by the source text itself: a DAG build fingerprints every stage and the stages share most
+    of their modules, so each file is parsed once, and an edited file is parsed again."""
+    tree = ast.parse(source, filename=filename)
+    imports = frozenset(imported_modules(tree, name, is_package))
     return ast.dump(_strip_docstrings(tree)), imports
 
 
