@@ -35,11 +35,34 @@ def test_paper_groups_compose():
         ("gpt.n_embd=65", "gpt.n_embd"),
         ("pc.backend=tpu", "pc.backend"),
         ("pc.pseudocount=-1", "pc.pseudocount"),
+        ("eval.episodes=abc", "eval.episodes"),
+        ("task=hopper-medium-v2 task.dataset.sha256=abc", "task.dataset.sha256"),
+        ("task=hopper-medium-v2 task.dataset.size=-5", "task.dataset.size"),
+        ("eval.episodes=-3", "eval.episodes"),
+        ("eval.batch_episodes=0", "eval.batch_episodes"),
+        ("eval.max_episode_steps=abc", "eval.max_episode_steps"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        compose([override])
+        compose(override.split())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("gpt.foo=1", r"gpt\.foo: unknown key; known keys of gpt: action_weight, .*steps"),
+        (
+            "task.planning.nope=2",
+            r"task\.planning\.nope: unknown key; known keys of task\.planning: .*beam_width",
+        ),
+        ("foo=1", r"foo: unknown key; known keys of the top level: .*seed"),
+    ],
+)
+def test_an_unknown_key_is_named_with_the_known_ones(override, message):
+    """Hydra alone would suggest `+key=value`, which then fails as unknown: one message instead."""
+    with pytest.raises(ConfigError, match=message):
+        compose(["task=taxi-stochastic", override])
 
 
 def test_a_hyperparameter_changes_only_the_slices_that_read_it():

@@ -450,9 +450,38 @@ def compose(overrides: Iterable[str] = ()) -> dict[str, Any]:
     overrides = tuple(overrides)
     _check_choices(overrides)
     hydra_only = os.environ.get(COMPOSE_MODE_ENV, "") == "hydra"
-    cfg = _compose_hydra_cached(overrides) if hydra_only else _compose_cached(overrides)
+    try:
+        cfg = _compose_hydra_cached(overrides) if hydra_only else _compose_cached(overrides)
+    except ConfigError as err:
+        better = _unknown_key_message(overrides, str(err))
+        if better is None:
+            raise
+        raise ConfigError(better) from err
     validate(cfg)
     return _plain_copy(cfg)
+
+
+def _unknown_key_message(overrides: tuple[str, ...], message: str) -> str | None:
+    """For ``gpt.foo=1`` Hydra says only "Could not override 'gpt.foo'" and suggests ``+gpt.foo=1``, which
+    would then fail as an unknown key: say at once that the key is unknown and list the known ones."""
+    found = re.search(r"Could not override '([\w.]+)'", message)
+    if not found:
+        return None
+    key = found.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = tuple(o for o in overrides if o.partition("=")[0].lstrip("+~") != key)
+    try:
+        node: Any = _compose_cached(rest)
+    except ConfigError:
+        return None
+    for part in parent.split(".") if parent else ():
+        if not isinstance(node, dict) or part not in node:
+            return f"{key}: unknown key ({parent} is not a section of the config)"
+        node = node[part]
+    if not isinstance(node, dict):
+        return None
+    where = parent or "the top level"
+    return f"{key}: unknown key; known keys of {where}: {', '.join(sorted(map(str, node)))}"
 
 
 def get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -533,7 +562,17 @@ def validate(cfg: dict[str, Any]) -> None:
     _validate_dt(cfg)
     _validate_critic(cfg)
     _validate_aux(cfg)
+    _validate_eval(cfg)
     _validate_planner(cfg)
+
+
+def _validate_eval(cfg: dict[str, Any]) -> None:
+    """The rollout budget: checked here, so ``eval.episodes=abc`` fails when the DAG is built rather than
+    in the evaluate job after every model has trained."""
+    _positive_int(cfg, "eval.episodes")
+    _positive_int(cfg, "eval.batch_episodes")
+    if get(cfg, "eval.max_episode_steps") is not None:
+        _positive_int(cfg, "eval.max_episode_steps")
 
 
 def _validate_task(cfg: dict[str, Any]) -> None:
@@ -543,6 +582,16 @@ def _validate_task(cfg: dict[str, Any]) -> None:
     for key in ("num_episodes", "num_steps", "max_episode_steps"):
         if key in dataset:
             _positive_int(cfg, f"task.dataset.{key}")
+    # A malformed checksum would otherwise be blamed on the file after a whole download.
+    digest = dataset.get("sha256")
+    _require(
+        digest is None or (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) is not None),
+        "task.dataset.sha256",
+        "null or 64 lowercase hexadecimal characters",
+        digest,
+    )
+    if dataset.get("size") is not None:
+        _positive_int(cfg, "task.dataset.size")
     _in_unit_interval(cfg, "task.labels.discount")
     penalty = get(cfg, "task.labels.termination_penalty")
     _require(
