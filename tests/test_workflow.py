@@ -144,6 +144,8 @@ def test_smoke_dry_run_trains_a_critic_where_tt_q_runs():
             "unknown method.*sac",
         ),
         ("tasks: [taxi-stochastic]\nseeds: [0]\nper_task: {taxi-stochastic: {beam: 3}}\n", "beam"),
+        # The planner is chosen by `methods`; a planner group choice would silently do nothing.
+        ("tasks: [taxi-stochastic]\nseeds: [0]\ngroups: {planner: trifle-m}\n", "planner.*unexpected"),
     ],
 )
 def test_bad_workflow_config_fails_before_any_job(tmp_path, config, message):

@@ -6,9 +6,15 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+#: What ``np.load`` raises on a damaged ``.npz`` (a truncated copy, an interrupted write elsewhere): the
+#: loaders turn these into one DataError naming the file. A truncated zip is ``BadZipFile``, which is not
+#: an OSError, and a member cut short raises EOFError.
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 @contextlib.contextmanager

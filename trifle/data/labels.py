@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from trifle.errors import DataError
-from trifle.io import atomic_path
+from trifle.io import NPZ_READ_ERRORS, atomic_path
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,6 @@ def load_labeled(path: str | Path) -> LabeledTrajectories:
             fields["attrs"] = json.loads(str(npz["attrs"]))
     except KeyError as err:
         raise DataError(f"{path}: missing key {err} in labeled trajectories") from err
-    except (OSError, ValueError) as err:
+    except NPZ_READ_ERRORS as err:
         raise DataError(f"{path}: not a readable .npz file ({err})") from err
     return LabeledTrajectories(**fields)

@@ -15,7 +15,7 @@ import numpy as np
 from trifle.data.discretize import Discretizer
 from trifle.data.labels import LabeledTrajectories
 from trifle.errors import DataError
-from trifle.io import atomic_path
+from trifle.io import NPZ_READ_ERRORS, atomic_path
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def load_tokens(path: str | Path) -> TokenData:
             )
     except KeyError as err:
         raise DataError(f"{path}: missing key {err} in token file") from err
-    except (OSError, ValueError) as err:
+    except NPZ_READ_ERRORS as err:
         raise DataError(f"{path}: not a readable token file ({err})") from err
     if data.tokens.ndim != 2 or data.tokens.shape[1] != data.transition_dim:
         raise DataError(

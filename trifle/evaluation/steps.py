@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from trifle.errors import DataError
-from trifle.io import atomic_path
+from trifle.io import NPZ_READ_ERRORS, atomic_path
 
 FIELDS = ("episode", "step", "obs", "action", "reward")
 
@@ -82,7 +82,7 @@ def load_steps(path: str | Path) -> ExecutedSteps:
             arrays = {k: npz[k] for k in FIELDS}
     except KeyError as err:
         raise DataError(f"{path}: missing key {err} in executed-steps file") from err
-    except (OSError, ValueError) as err:
+    except NPZ_READ_ERRORS as err:
         raise DataError(f"{path}: not a readable executed-steps file ({err})") from err
     n = len(arrays["episode"])
     shapes_ok = (
