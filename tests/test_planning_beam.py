@@ -365,6 +365,20 @@ def _build(files, cfg: dict, *, circuit=True, window=K, tokens=None):
     )
 
 
+def test_a_fixed_threshold_planner_asks_for_its_levels_once(files):
+    """The fixed threshold's kept levels depend on the circuit only: computed at the first step, reused by
+    every later step and rollout, with the same actions as planning them afresh."""
+    planner = _build(files, _cfg("trifle-s", fixed_threshold=0.5))
+    first = _rollout(planner, seed=3)
+    keep = planner.fixed_keep
+    assert keep is not None and keep.shape[0] == 1
+    np.testing.assert_array_equal(_rollout(planner, seed=3), first)
+    assert planner.fixed_keep is keep
+    np.testing.assert_array_equal(
+        _rollout(_build(files, _cfg("trifle-s", fixed_threshold=0.5)), seed=3), first
+    )
+
+
 def test_build_planner_from_checkpoints_plans(files):
     planner = _build(files, _cfg("trifle-m"))
     planner.reset(2, seed=0)

@@ -46,8 +46,10 @@ from trifle.data.tokens import TokenData
 from trifle.data.windows import split_episodes
 from trifle.errors import CheckpointError, ConfigError, DataError
 from trifle.models.gpt import GPTConfig, TrajectoryGPT
+from trifle.models.gpt_training import train_step
 from trifle.models.training_common import (
     adamw,
+    betas_setting,
     cpu_state,
     derived_seed,
     eval_subset,
@@ -55,10 +57,10 @@ from trifle.models.training_common import (
     int_setting,
     load_checkpoint,
     seeded,
+    steps_or_epochs,
 )
 from trifle.models.training_loop import (
     TrainingJob,
-    optimizer_step,
     run_training,
     save_final,
     shuffled_batches,
@@ -120,20 +122,8 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["grad_clip"] = float_setting(full, "aux", "grad_clip", 0.0, math.inf)
     out["min_lr_fraction"] = float_setting(full, "aux", "min_lr_fraction", 0.0, 1.0)
     out["valid_fraction"] = float_setting(full, "aux", "valid_fraction", 0.0, 0.99, open_low=True)
-    betas = full["betas"]
-    try:
-        betas = tuple(float(b) for b in betas)
-    except (TypeError, ValueError):
-        betas = ()
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"aux.betas: expected two numbers in [0, 1), got {full['betas']!r}")
-    out["betas"] = list(betas)
-    if (full["steps"] is None) == (full["epochs"] is None):
-        raise ConfigError("aux.steps / aux.epochs: set exactly one of them (the other must be null)")
-    out["steps"] = None if full["steps"] is None else int_setting(full, "aux", "steps", 1)
-    out["epochs"] = (
-        None if full["epochs"] is None else float_setting(full, "aux", "epochs", 0.0, math.inf, open_low=True)
-    )
+    out["betas"] = betas_setting(full, "aux")
+    out["steps"], out["epochs"] = steps_or_epochs(full, "aux")
     return out
 
 
@@ -215,20 +205,6 @@ def _fingerprint(tokens: np.ndarray, returns: np.ndarray, episode_starts: np.nda
     }
 
 
-def train_step(
-    model: TrajectoryGPT,
-    optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    lr: float,
-    grad_clip: float,
-    dropout_seed: int,
-) -> float:
-    device = model.head_bias.device
-    return optimizer_step(
-        model, optimizer, lambda: model.loss(*(t.to(device) for t in batch)), lr, grad_clip, dropout_seed
-    )
-
-
 def train_aux(
     cfg: Mapping[str, Any],
     *,
@@ -283,7 +259,7 @@ def train_aux(
         model=model,
         make_optimizer=lambda m, c: adamw(m, c, also_decay=("head_weight",)),
         batch=shuffled_batches(train_set, seed, cfg["batch_size"]),
-        step=train_step,
+        step=train_step,  # a TrajectoryGPT on its own rows: the GPT's update step
         evaluate=evaluate,
         shown_score=("heldout_ll", "heldout_ll_per_token"),
         data=data,

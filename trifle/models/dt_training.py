@@ -28,6 +28,7 @@ from trifle.errors import CheckpointError, ConfigError, DataError
 from trifle.models.dt import DecisionTransformer, DTConfig
 from trifle.models.training_common import (
     adamw,
+    betas_setting,
     cpu_state,
     derived_seed,
     eval_subset,
@@ -98,14 +99,7 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["grad_clip"] = float_setting(full, "dt", "grad_clip", 0.0, math.inf)
     out["min_lr_fraction"] = float_setting(full, "dt", "min_lr_fraction", 0.0, 1.0)
     out["valid_fraction"] = float_setting(full, "dt", "valid_fraction", 0.0, 0.99, open_low=True)
-    betas = full["betas"]
-    try:
-        betas = tuple(float(b) for b in betas)
-    except (TypeError, ValueError):
-        betas = ()
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"dt.betas: expected two numbers in [0, 1), got {full['betas']!r}")
-    out["betas"] = list(betas)
+    out["betas"] = betas_setting(full, "dt")
     out["return_scale"] = (
         None
         if full["return_scale"] is None

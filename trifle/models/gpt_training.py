@@ -26,6 +26,7 @@ from trifle.errors import CheckpointError, ConfigError
 from trifle.models.gpt import GPTConfig, TrajectoryGPT
 from trifle.models.training_common import (
     adamw,
+    betas_setting,
     cpu_state,
     derived_seed,
     eval_subset,
@@ -33,6 +34,7 @@ from trifle.models.training_common import (
     int_setting,
     load_checkpoint,
     seeded,
+    steps_or_epochs,
 )
 from trifle.models.training_loop import (
     TrainingJob,
@@ -98,20 +100,8 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["valid_fraction"] = float_setting(full, "gpt", "valid_fraction", 0.0, 0.99, open_low=True)
     for key in ("action_weight", "reward_weight", "value_weight"):
         out[key] = float_setting(full, "gpt", key, 0.0, math.inf)
-    betas = full["betas"]
-    try:
-        betas = tuple(float(b) for b in betas)
-    except (TypeError, ValueError):
-        betas = ()
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"gpt.betas: expected two numbers in [0, 1), got {full['betas']!r}")
-    out["betas"] = list(betas)
-    if (full["steps"] is None) == (full["epochs"] is None):
-        raise ConfigError("gpt.steps / gpt.epochs: set exactly one of them (the other must be null)")
-    out["steps"] = None if full["steps"] is None else int_setting(full, "gpt", "steps", 1)
-    out["epochs"] = (
-        None if full["epochs"] is None else float_setting(full, "gpt", "epochs", 0.0, math.inf, open_low=True)
-    )
+    out["betas"] = betas_setting(full, "gpt")
+    out["steps"], out["epochs"] = steps_or_epochs(full, "gpt")
     return out
 
 

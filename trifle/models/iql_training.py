@@ -31,6 +31,7 @@ from trifle.data.windows import split_episodes
 from trifle.errors import CheckpointError, ConfigError, DataError
 from trifle.models.iql import CriticConfig, IQLCritic
 from trifle.models.training_common import (
+    betas_setting,
     cpu_state,
     derived_seed,
     eval_subset,
@@ -93,14 +94,7 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     out["grad_clip"] = float_setting(full, "critic", "grad_clip", 0.0, math.inf)
     out["min_lr_fraction"] = float_setting(full, "critic", "min_lr_fraction", 0.0, 1.0)
     out["valid_fraction"] = float_setting(full, "critic", "valid_fraction", 0.0, 0.99, open_low=True)
-    betas = full["betas"]
-    try:
-        betas = tuple(float(b) for b in betas)
-    except (TypeError, ValueError):
-        betas = ()
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"critic.betas: expected two numbers in [0, 1), got {full['betas']!r}")
-    out["betas"] = list(betas)
+    out["betas"] = betas_setting(full, "critic")
     out["value_scale"] = (
         None
         if full["value_scale"] is None

@@ -45,6 +45,28 @@ def float_setting(
     return value
 
 
+def betas_setting(cfg: Mapping[str, Any], group: str) -> list[float]:
+    """``cfg["betas"]`` as Adam's two betas, each in [0, 1); otherwise a ConfigError naming ``<group>.betas``."""
+    try:
+        betas = tuple(float(b) for b in cfg["betas"])
+    except (TypeError, ValueError):
+        betas = ()
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{group}.betas: expected two numbers in [0, 1), got {cfg['betas']!r}")
+    return list(betas)
+
+
+def steps_or_epochs(cfg: Mapping[str, Any], group: str) -> tuple[int | None, float | None]:
+    """The training length, ``(steps, epochs)``: exactly one of ``cfg["steps"]`` / ``cfg["epochs"]`` is set."""
+    if (cfg["steps"] is None) == (cfg["epochs"] is None):
+        raise ConfigError(f"{group}.steps / {group}.epochs: set exactly one of them (the other must be null)")
+    steps = None if cfg["steps"] is None else int_setting(cfg, group, "steps", 1)
+    epochs = (
+        None if cfg["epochs"] is None else float_setting(cfg, group, "epochs", 0.0, math.inf, open_low=True)
+    )
+    return steps, epochs
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block under ``torch.manual_seed(seed)`` without disturbing the caller's RNG streams."""

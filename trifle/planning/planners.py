@@ -276,13 +276,15 @@ class CircuitProposal:
         soft: torch.Tensor | None = None,
         value_threshold: str = VALUE_THRESHOLDS[0],
         fixed_threshold: float | None = None,
+        fixed_keep: torch.Tensor | None = None,
     ):
         """``target``: what is thresholded (a CorrectionTarget), or an int, the number of value bins
         (the ``value`` target, V_t of the window's first transition). ``fixed_threshold``: None for the
-        adaptive threshold, else the marginal quantile of a fixed one (circuit_queries.fixed_kept_levels)."""
+        adaptive threshold, else the marginal quantile of a fixed one (circuit_queries.fixed_kept_levels);
+        ``fixed_keep``: its kept levels if already known (they depend on the circuit and target only)."""
         self.circuit, self.layout, self.obs = circuit, layout, obs
         self.top_ratio, self.value_threshold = top_ratio, value_threshold
-        self.fixed_threshold, self._fixed_keep = fixed_threshold, None
+        self.fixed_threshold, self._fixed_keep = fixed_threshold, fixed_keep
         if not isinstance(target, CorrectionTarget):
             target = CorrectionTarget.value(layout.value_var(0), int(target))
         self.target = target
@@ -360,6 +362,20 @@ class CircuitValue:
         )
 
 
+def token_values(
+    discretizer: Discretizer, *, obs_dim: int, act_dim: int, vocab_size: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each observation and action token's representative value (its bin's), ``[obs_dim, V+1]`` and
+    ``[act_dim, V+1]`` (the stop token decodes to 0): how the Q-valued hooks read planned tokens."""
+    table = [bin_values(c.values, vocab_size + 1) for c in discretizer.columns[: obs_dim + act_dim]]
+    return torch.stack(table[:obs_dim]).to(device), torch.stack(table[obs_dim:]).to(device)
+
+
+def decode_tokens(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens ``[R, n]`` of n columns -> their representative values ``[R, n]``, given :func:`token_values`."""
+    return values.gather(1, tokens.long().T).T
+
+
 class QFilter:
     """The Taxi ablation's "action filtering" (docs/evaluation.md#q-taxi): the first planning step's action
     prior reweighted by exp Q_taxi(s_t, a), i.e. logits log p_GPT(a | s_t) + Q(s_t, a) with Q in return
@@ -367,13 +383,11 @@ class QFilter:
     (``act_support``, ``cdf_act``, ``k_act``) acts as it does for TT, the support filter before it.
 
     ``obs`` are the current observations' tokens ``[E, obs_dim]``; ``table`` a
-    :class:`trifle.models.tabular_q.TabularQ`; ``obs_values`` / ``act_values`` decode tokens to the
-    environment's values (each bin's representative, as :class:`CriticValue` does).
+    :class:`trifle.models.tabular_q.TabularQ`; ``obs_values`` / ``act_values`` are :func:`token_values`.
     """
 
     def __init__(self, table, obs: torch.Tensor, obs_values: torch.Tensor, act_values: torch.Tensor):
-        raw = obs_values.gather(1, obs.long().T).T  # [E, obs_dim]
-        self.q_by_env = table.action_values(raw)  # [E, A]
+        self.q_by_env = table.action_values(decode_tokens(obs_values, obs))  # [E, A]
         self.act_values = act_values[0]  # [V+1]: the action column's decoded values
 
     def begin(self, env_of_row: torch.Tensor) -> None:
@@ -416,15 +430,9 @@ class CriticValue:
         device: str | torch.device = "cpu",
     ):
         self.critic, self.discount, self.stop = critic, float(discount), int(vocab_size)
-        columns = discretizer.columns
-        table = [bin_values(c.values, vocab_size + 1) for c in columns[: obs_dim + act_dim]]
-        self.obs_values = torch.stack(table[:obs_dim]).to(device)  # [obs_dim, V+1], stop -> 0
-        self.act_values = torch.stack(table[obs_dim:]).to(device)  # [act_dim, V+1]
-
-    @staticmethod
-    def _decode(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens [R, n] of n columns -> their representative values [R, n] (float64)."""
-        return values.gather(1, tokens.T).T
+        self.obs_values, self.act_values = token_values(
+            discretizer, obs_dim=obs_dim, act_dim=act_dim, vocab_size=vocab_size, device=device
+        )
 
     def __call__(
         self,
@@ -434,8 +442,8 @@ class CriticValue:
         rewards: torch.Tensor,
         state: torch.Tensor,
     ) -> torch.Tensor:
-        obs = self._decode(self.obs_values, state)
-        act = self._decode(self.act_values, actions[:, step])
+        obs = decode_tokens(self.obs_values, state)
+        act = decode_tokens(self.act_values, actions[:, step])
         q = self.critic.q_value(obs.float(), act.float()).to(rewards)
         q = torch.where((state == self.stop).any(dim=1), torch.zeros_like(q), q)
         weights = self.discount ** torch.arange(step, dtype=torch.float64, device=rewards.device)
@@ -486,6 +494,11 @@ class BeamPlanner:
         # TT(+Q): the plan's terminal value from an offline critic (None: the GPT's, as in TT).
         self.critic_value = None
         self.tabular_q = tabular_q
+        self.fixed_keep: torch.Tensor | None = None  # a fixed threshold's kept levels, once known
+        if settings.q_filter:  # decoded once: the Q filter reads the current state at every step
+            self.token_values = token_values(
+                discretizer, obs_dim=obs_dim, act_dim=act_dim, vocab_size=vocab, device=self.device
+            )
         if settings.terminal_value in ("critic", "tabular_q"):
             self.critic_value = CriticValue(
                 critic if settings.terminal_value == "critic" else tabular_q,
@@ -506,16 +519,7 @@ class BeamPlanner:
         if method == "tt":
             if not self.settings.q_filter:
                 return None, self.critic_value
-            values = self.critic_value or CriticValue(
-                self.tabular_q,
-                self.discretizer,
-                obs_dim=self.obs_dim,
-                act_dim=self.act_dim,
-                vocab_size=self.model.cfg.vocab_size,
-                discount=self.discount,
-                device=self.device,
-            )
-            return QFilter(self.tabular_q, obs, values.obs_values, values.act_values), self.critic_value
+            return QFilter(self.tabular_q, obs, *self.token_values), self.critic_value
         layout = WindowLayout(self.obs_dim, self.act_dim, self.circuit_window, self.circuit.num_cats)
         value_bins = int(self.discretizer.num_bins[-1])
         soft = None
@@ -536,7 +540,12 @@ class BeamPlanner:
             soft,
             settings.value_threshold,
             settings.fixed_threshold,
+            fixed_keep=self.fixed_keep,
         )
+        if settings.fixed_threshold is not None and self.fixed_keep is None:
+            self.fixed_keep = (
+                proposal.fixed_keep()
+            )  # the marginal's levels: one query per planner, not per step
         if method == "trifle-s":
             return proposal, self.critic_value
         value = CircuitValue(
