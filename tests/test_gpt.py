@@ -336,3 +336,28 @@ def test_cached_generation_matches_on_cuda():
         logits, cache = model(idx[:, t : t + 1], cache)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_masked_value_inputs_make_predictions_blind_to_every_value_token():
+    """Planning feeds a placeholder where training had true values; a masked model cannot tell them apart."""
+    masked, read = tiny_model(value_inputs="masked"), tiny_model(value_inputs="read")
+    idx = torch.randint(0, VOCAB, (2, 4 * D), generator=torch.Generator().manual_seed(3))  # no stop tokens
+    placeholder = idx.clone()
+    placeholder[:, D - 1 :: D] = VOCAB - 1  # the top bin, as a planner's prefix holds
+    torch.testing.assert_close(masked(placeholder)[0], masked(idx)[0], atol=0, rtol=0)
+    assert not torch.allclose(read(placeholder)[0], read(idx)[0])
+    # The cached path agrees, and a state token still matters.
+    logits, cache = masked(placeholder[:, : D + 1], KVCache())
+    tail, _ = masked(idx[:, D + 1 :], cache)
+    torch.testing.assert_close(torch.cat([logits, tail], 1), masked(idx)[0], atol=1e-5, rtol=0)
+    other = idx.clone()
+    other[:, 0] = (other[:, 0] + 1) % VOCAB
+    assert not torch.allclose(masked(other)[0], masked(idx)[0])
+
+
+def test_value_inputs_setting_is_validated_and_stored():
+    with pytest.raises(ConfigError, match="value_inputs"):
+        GPTConfig(obs_dim=1, act_dim=1, vocab_size=3, block_size=4, value_inputs="hidden")
+    with pytest.raises(ConfigError, match="gpt.value_inputs"):
+        resolve_config({"value_inputs": "hidden", "steps": 1})
+    assert resolve_config({"value_inputs": "masked", "steps": 1})["value_inputs"] == "masked"

@@ -116,3 +116,26 @@ def test_a_heavy_atom_gets_its_own_bin():
     tokens = bins.encode(x, "x")
     assert set(tokens[:900]) == {0} and 0 not in set(tokens[900:])
     assert bins.values[0] == 0.0 and bins.num_bins <= 10
+
+
+def test_a_rare_extreme_atom_gets_its_own_bin_at_either_end():
+    """Hopper's fall penalty: 0.1% of the rewards, all exactly -100, far below the rest."""
+    rng = np.random.default_rng(0)
+    rewards = np.concatenate([rng.normal(3.0, 1.0, 20_000), np.full(25, -100.0)])
+    bins = fit_quantile(rewards, 100)
+    assert bins.num_bins == 100
+    assert bins.values[0] == -100.0  # alone: the bin's mean is the penalty itself
+    assert (np.searchsorted(bins.edges, rewards, side="right") == 0).sum() == 25
+    # The other 99 bins still hold equal mass of the remaining values.
+    counts = np.bincount(np.searchsorted(bins.edges, rewards, side="right"), minlength=100)[1:]
+    assert counts.max() - counts.min() <= 1
+    clipped = np.concatenate([rng.uniform(-1, 1, 5000), np.full(10, 1.0)])
+    top = fit_quantile(clipped, 50)
+    assert top.num_bins == 50 and top.values[-1] == 1.0
+    assert (np.searchsorted(top.edges, clipped, side="right") == 49).sum() == 10
+
+
+def test_a_single_extreme_value_is_not_an_atom():
+    x = np.concatenate([np.linspace(0.0, 1.0, 999), [-100.0]])
+    bins = fit_quantile(x, 10)
+    assert bins.values[0] > -100.0  # one draw of a continuous value: pooled with its neighbours

@@ -16,7 +16,7 @@ from trifle.envs.mujoco import (
     make_mujoco_env,
     normalized_score,
 )
-from trifle.errors import ConfigError, TrifleError
+from trifle.errors import CheckpointError, ConfigError, TrifleError
 
 DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6), "walker2d": (17, 6)}
 
@@ -320,7 +320,7 @@ def test_sac_training_resumes_from_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         behaviour.train_sac(**run, progress=False)
     names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"sac_args.json", "sac_model_200.zip", "sac_replay_200.pkl"}, "older checkpoints go"
+    assert names == {".lock", "sac_args.json", "sac_model_200.zip", "sac_replay_200.pkl"}, "older ones go"
 
     monkeypatch.setattr(behaviour, "_save_checkpoint", real_save)
     real_learn, calls = SAC.learn, []
@@ -333,7 +333,8 @@ def test_sac_training_resumes_from_checkpoint(tmp_path, monkeypatch):
     model = behaviour.train_sac(**run, progress=False)
     assert calls == [(200, 100, 200)], "resumes at the checkpoint with its replay buffer"
     assert model.num_timesteps == 300
-    assert {p.name for p in tmp_path.iterdir()} == {"sac_args.json", "sac_final.zip"}
+    final = {".lock", "sac_args.json", "sac_final.zip", "sac_final_replay.pkl"}
+    assert {p.name for p in tmp_path.iterdir()} == final
 
     again = behaviour.train_sac(**run, progress=False)
     assert len(calls) == 1, "a finished training is only loaded"
@@ -391,6 +392,51 @@ def test_sac_dataset_layout_and_round_trip(sac_run, tmp_path):
             arrays["next_observations"][start : end - 1], arrays["observations"][start + 1 : end]
         )
     assert_round_trip(tmp_path / "hopper-sac.hdf5", arrays, attrs)
+
+
+def test_sac_replay_dataset_is_the_agents_training_experience(sac_run, tmp_path):
+    """policy sac-replay: the agent's replay buffer in collection order, episodes split as SB3 flagged them."""
+    model, work_dir, _, _ = sac_run
+    options = {"env": "hopper", "seed": 0, "max_episode_steps": 1000, "progress": False}
+    arrays, attrs = generate_mujoco_dataset(
+        **options, num_steps=150, policy="sac-replay", sac_steps=SAC_STEPS, work_dir=work_dir
+    )
+    buffer = model.replay_buffer
+    f32 = np.float32  # D4RL's dtypes; SB3 keeps the env's float64 observations
+    np.testing.assert_array_equal(arrays["observations"], buffer.observations[:150, 0].astype(f32))
+    np.testing.assert_array_equal(arrays["actions"], buffer.actions[:150, 0].astype(f32))
+    np.testing.assert_array_equal(arrays["rewards"], buffer.rewards[:150, 0].astype(f32))
+    np.testing.assert_array_equal(
+        arrays["terminals"], buffer.dones[:150, 0].astype(bool) & ~buffer.timeouts[:150, 0].astype(bool)
+    )
+    # Consecutive rows of one episode chain: the next row starts where this one ended.
+    inside = ~(arrays["terminals"] | arrays["timeouts"])[:-1]
+    np.testing.assert_array_equal(
+        arrays["next_observations"][:-1][inside], arrays["observations"][1:][inside]
+    )
+    assert arrays["terminals"].any(), "a young Hopper agent falls"
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
+    first_return = arrays["rewards"][: ends[0] + 1].sum(dtype=np.float64)
+    assert attrs["policy"] == "sac-replay" and attrs["num_episodes"] == len(ends)
+    assert attrs["behaviour_return"] == pytest.approx(
+        np.mean(
+            [first_return]
+            + [
+                arrays["rewards"][a + 1 : b + 1].sum(dtype=np.float64)
+                for a, b in zip(ends[:-1], ends[1:], strict=True)
+            ]
+        )
+    )
+    save_dataset(tmp_path / "replay.hdf5", arrays, attrs)
+    assert load_dataset(tmp_path / "replay.hdf5").rewards.shape == (150,)
+
+
+def test_sac_replay_of_an_agent_trained_without_its_buffer_says_so(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    from trifle.data.behaviour import final_replay
+
+    with pytest.raises(CheckpointError, match="sac_final_replay.pkl: missing"):
+        final_replay(tmp_path)
 
 
 def test_sac_dataset_deterministic(sac_run):

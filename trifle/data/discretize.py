@@ -59,13 +59,44 @@ def fit_categorical(x: np.ndarray, categories: np.ndarray | None = None) -> Colu
 
 
 def fit_quantile(x: np.ndarray, n_bins: int) -> ColumnBins:
-    """Equal-mass bins; ties merge bins, and a value holding much of the mass gets a bin of its own.
+    """Equal-mass bins; ties merge bins, and an atom (a value repeated in the data) may get a bin of its own.
 
-    Without the atom rule, a column that is mostly one value (e.g. zero returns in a sparse-reward task)
-    would share its bin with the nearest other values, erasing exactly the distinction that matters
-    (zero vs small positive return). Bin count never exceeds ``n_bins``.
+    Two atom rules keep apart values that mean something different from their neighbours:
+
+    * a value holding much of the mass (at least two bins' worth) gets its own bin: without it, a
+      column that is mostly one value (e.g. zero returns in a sparse-reward task) would share its bin
+      with the nearest other values, erasing exactly the distinction that matters (zero vs small return);
+    * a rarer value repeated at either end of the column (a termination penalty, a clipping bound) gets
+      its own bin too, taken from the equal-mass bins of the rest: pooled with its neighbours, its bin's
+      representative is neither (Hopper's -100 fall penalty pooled with 0.4% of ordinary rewards
+      decodes to about -16, and the penalty all but vanishes from the planner's expected reward).
+
+    Bin count never exceeds ``n_bins``.
     """
     x = np.sort(np.asarray(x, np.float64))
+    values, counts = np.unique(x, return_counts=True)
+    big = 2 * len(x) / n_bins
+    low = len(values) >= 3 and 2 <= counts[0] < big and n_bins >= 4
+    high = len(values) >= 3 + low and 2 <= counts[-1] < big and n_bins >= 4 + low
+    core = x[int(counts[0]) if low else 0 : len(x) - (int(counts[-1]) if high else 0)]
+    edges = _equal_mass_edges(core, n_bins - low - high)
+    if low:
+        edges = np.concatenate(
+            [[np.nextafter(values[0], np.inf)], edges[edges > np.nextafter(values[0], np.inf)]]
+        )
+    if high:
+        edges = np.concatenate([edges[edges < values[-1]], [values[-1]]])
+    tokens = np.searchsorted(edges, x, side="right")
+    counts = np.bincount(tokens, minlength=len(edges) + 1)
+    sums = np.bincount(tokens, weights=x, minlength=len(edges) + 1)
+    bounds = np.concatenate([[x[0]], edges, [x[-1]]])
+    midpoints = (bounds[:-1] + bounds[1:]) / 2
+    values = np.where(counts > 0, sums / np.maximum(counts, 1), midpoints)
+    return ColumnBins("quantile", edges, values)
+
+
+def _equal_mass_edges(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Interior edges of at most ``n_bins`` equal-mass bins of sorted ``x``, a heavy atom alone in its bin."""
     # Edges are data points, a bin holds the values below its upper edge; an edge equal to the minimum
     # would only create an empty first bin.
     at = np.minimum(np.ceil(np.linspace(0.0, 1.0, n_bins + 1)[1:-1] * len(x)).astype(np.int64), len(x) - 1)
@@ -76,14 +107,7 @@ def fit_quantile(x: np.ndarray, n_bins: int) -> ColumnBins:
         if above in edges or len(edges) + 2 > n_bins:
             continue  # already alone in its bin, or no room for another bin
         edges = np.union1d(edges, [atom, np.nextafter(atom, np.inf)])
-    edges = edges[edges > x[0]]
-    tokens = np.searchsorted(edges, x, side="right")
-    counts = np.bincount(tokens, minlength=len(edges) + 1)
-    sums = np.bincount(tokens, weights=x, minlength=len(edges) + 1)
-    bounds = np.concatenate([[x[0]], edges, [x[-1]]])
-    midpoints = (bounds[:-1] + bounds[1:]) / 2
-    values = np.where(counts > 0, sums / np.maximum(counts, 1), midpoints)
-    return ColumnBins("quantile", edges, values)
+    return edges[edges > x[0]]
 
 
 class Discretizer:

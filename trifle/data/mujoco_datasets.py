@@ -7,9 +7,11 @@ reproduce D4RL's v2 envs: ``infos/qpos``/``infos/qvel`` hold the simulator state
 ``timeouts`` flag steps that hit the step limit, and an episode left unfinished at the end of the data is
 left unflagged, as D4RL does.
 
-Two behaviour policies: ``"random"`` (uniform actions) and ``"sac"``, a stable-baselines3 SAC agent
+Three behaviour sources: ``"random"`` (uniform actions); ``"sac"``, a stable-baselines3 SAC agent
 trained for ``sac_steps`` env steps, like the partly trained SAC agents behind D4RL's "medium" datasets
-(see :mod:`trifle.data.behaviour`; it needs the ``behaviour`` extra).
+(see :mod:`trifle.data.behaviour`; it needs the ``behaviour`` extra); and ``"sac-replay"``, the same
+agent's replay buffer, i.e. every transition it collected while learning, like D4RL's "medium-replay"
+datasets (the first ``num_steps`` of them; no ``infos/*``, which the buffer does not keep).
 
 Every random draw of the rollout (actions, the SAC policy's noise and env reset seeds) comes from one
 ``numpy`` Generator seeded by ``seed``, so a seed (and, for SAC, the trained model) fixes the dataset bit
@@ -31,7 +33,8 @@ from trifle.errors import ConfigError, TrifleError
 
 Arrays = dict[str, np.ndarray]
 Policy = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, float]]
-POLICIES = ("random", "sac")
+POLICIES = ("random", "sac", "sac-replay")
+SAC_POLICIES = ("sac", "sac-replay")
 
 
 def _check_options(
@@ -45,11 +48,11 @@ def _check_options(
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
     if max_episode_steps < 1:
         raise ConfigError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
-    if policy == "sac" and sac_steps < 1:
+    if policy in SAC_POLICIES and sac_steps < 1:
         raise ConfigError(f"sac_steps must be >= 1, got {sac_steps}")
-    if policy == "sac" and work_dir is None:
+    if policy in SAC_POLICIES and work_dir is None:
         raise ConfigError(
-            "policy 'sac' needs a work directory (work_dir) for the SAC training checkpoints, got none"
+            f"policy {policy!r} needs a work directory (work_dir) for the SAC training checkpoints, got none"
         )
 
 
@@ -84,6 +87,8 @@ def generate_mujoco_dataset(
     policy is rolled out; ``infos/action_log_probs`` then holds the exact log-density of each stored action.
     """
     _check_options(env, num_steps, policy, max_episode_steps, sac_steps, work_dir)
+    if policy == "sac-replay":
+        return _sac_replay(env, seed, sac_steps, Path(work_dir), num_steps, max_episode_steps, progress)
     rng = np.random.default_rng(seed)
     sim = make_raw_env(env)
     try:
@@ -142,6 +147,41 @@ def _sac_rollout(
     act = behaviour.SACBehaviour(model, sim.action_space.low, sim.action_space.high)
     with behaviour.torch_threads(1):
         return _rollout(sim, act, rng, num_steps, max_episode_steps, f"{env} sac", progress)
+
+
+def _sac_replay(
+    env: str,
+    seed: int,
+    sac_steps: int,
+    work_dir: Path,
+    num_steps: int,
+    max_episode_steps: int,
+    progress: bool,
+) -> tuple[Arrays, dict[str, Any]]:
+    """The first ``num_steps`` transitions of the SAC agent's replay buffer (training it first if needed)."""
+    behaviour = _behaviour_module()
+    behaviour.train_sac(env, steps=sac_steps, seed=seed, work_dir=work_dir, progress=progress)
+    steps = {key: value[:num_steps] for key, value in behaviour.final_replay(work_dir).items()}
+    arrays = {
+        "observations": np.asarray(steps["obs"], dtype=np.float32),
+        "actions": np.asarray(steps["action"], dtype=np.float32),
+        "rewards": np.asarray(steps["reward"], dtype=np.float32),
+        "terminals": np.asarray(steps["terminal"], dtype=bool),
+        "timeouts": np.asarray(steps["timeout"], dtype=bool),
+        "next_observations": np.asarray(steps["next_obs"], dtype=np.float32),
+    }
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
+    if not ends.size:
+        arrays["timeouts"][-1] = True  # the file format needs an episode end (see generate_mujoco_dataset)
+    starts = np.concatenate([[0], ends[:-1] + 1])[: len(ends)]  # complete episodes only
+    returns = np.array(
+        [arrays["rewards"][a : b + 1].sum(dtype=np.float64) for a, b in zip(starts, ends, strict=True)]
+    )
+    attrs = _attrs(env, "sac-replay", seed, len(arrays["rewards"]), max_episode_steps, returns)
+    attrs["sac_steps"] = sac_steps
+    # The mean return of the complete episodes in the buffer: a mixture of every stage of the training.
+    attrs["behaviour_return"] = attrs["mean_return"]
+    return arrays, attrs
 
 
 def _rollout(

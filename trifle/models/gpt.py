@@ -11,6 +11,14 @@ token (``vocab_size``) that pads transitions after a terminal state. As in TT:
 * the loss weights targets by their column: actions ``action_weight`` (5 in TT), reward
   ``reward_weight``, value ``value_weight``, states 1.
 
+Unlike TT, value tokens may be outputs only (``value_inputs="masked"``): every value token is read
+through one shared embedding row, so the model predicts V_t but never conditions on any V. TT reads
+them, yet a planner never has true past values to feed: TT writes a placeholder (the top bin) into the
+executed transitions of its prefix, and a model trained on true values reads the placeholder as "the
+return from here is maximal" (it has learned V_{t-1} = r_t + gamma V_t, so V_t follows from V_{t-1}).
+Its value predictions then saturate and the beam ranks plans by noise (docs/gpt.md#value-inputs).
+Masking makes training see exactly what planning feeds. The stop token stays readable.
+
 Unlike TT (no cache: every sampled token re-runs the whole context), ``forward`` accepts and returns
 a :class:`KVCache`, so extending ``B`` beams by one token costs one token's forward pass.
 """
@@ -26,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trifle.errors import ConfigError
+
+VALUE_INPUTS = ("read", "masked")
 
 
 @dataclass
@@ -43,6 +53,9 @@ class GPTConfig:
     action_weight: float = 5.0
     reward_weight: float = 1.0
     value_weight: float = 1.0
+    # "read": value tokens are inputs like any other (TT); "masked": outputs only (see module docstring).
+    # The default is TT's, so checkpoints written before the option existed load as they were trained.
+    value_inputs: str = "read"
 
     def __post_init__(self) -> None:
         for key in ("obs_dim", "act_dim", "vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -56,6 +69,8 @@ class GPTConfig:
         for key in ("action_weight", "reward_weight", "value_weight"):
             if not float(getattr(self, key)) >= 0.0:
                 raise ConfigError(f"{key}: expected a non-negative loss weight, got {getattr(self, key)!r}")
+        if self.value_inputs not in VALUE_INPUTS:
+            raise ConfigError(f"value_inputs: expected one of {VALUE_INPUTS}, got {self.value_inputs!r}")
 
     @property
     def transition_dim(self) -> int:
@@ -279,6 +294,9 @@ class TrajectoryGPT(nn.Module):
             raise ValueError(f"positions {start}..{start + T - 1} exceed block_size {self.cfg.block_size}")
         V, D = self.cfg.vocab_size, self.cfg.transition_dim
         columns = self._columns(start, T, idx.device)
+        if self.cfg.value_inputs == "masked":
+            # Every value token reads the value column's first row: one "value unknown" embedding.
+            idx = torch.where((columns == D - 1) & (idx != V), 0, idx)
         emb_idx = torch.where(idx == V, V * D, idx + columns * V)
         x = self.drop(self.tok_emb(emb_idx) + self.pos_emb[:, start : start + T])
         if cache is not None:

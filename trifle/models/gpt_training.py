@@ -23,7 +23,7 @@ import torch
 
 from trifle.data.windows import TransitionWindows, split_episodes
 from trifle.errors import CheckpointError, ConfigError
-from trifle.models.gpt import GPTConfig, TrajectoryGPT
+from trifle.models.gpt import VALUE_INPUTS, GPTConfig, TrajectoryGPT
 from trifle.models.training_common import (
     adamw,
     betas_setting,
@@ -66,6 +66,7 @@ TT_CONFIG: dict[str, Any] = {
     "action_weight": 5.0,
     "reward_weight": 1.0,
     "value_weight": 1.0,
+    "value_inputs": "read",
     "valid_fraction": 0.05,
     "eval_every": 1000,
     "eval_windows": 1024,
@@ -102,6 +103,11 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out[key] = float_setting(full, "gpt", key, 0.0, math.inf)
     out["betas"] = betas_setting(full, "gpt")
     out["steps"], out["epochs"] = steps_or_epochs(full, "gpt")
+    if full["value_inputs"] not in VALUE_INPUTS:
+        raise ConfigError(
+            f"gpt.value_inputs: expected one of {', '.join(VALUE_INPUTS)}, got {full['value_inputs']!r}"
+        )
+    out["value_inputs"] = full["value_inputs"]
     return out
 
 
@@ -119,6 +125,7 @@ def model_config(cfg: Mapping[str, Any], obs_dim: int, act_dim: int, vocab_size:
         action_weight=cfg["action_weight"],
         reward_weight=cfg["reward_weight"],
         value_weight=cfg["value_weight"],
+        value_inputs=cfg["value_inputs"],
     )
 
 

@@ -34,7 +34,8 @@ def behaviour_dir(raw: Path, params: dict[str, Any]) -> Path:
     Keyed by what determines the policy, so tasks drawing data from the same agent share one training,
     and beside the datasets, so DVC pins and shares the trained agent with them.
     """
-    name = f"{params['env']}-{params['policy']}{params.get('sac_steps', '')}-seed{params.get('seed', 0)}"
+    agent = "sac" if params["policy"] == "sac-replay" else params["policy"]  # the replay of the same agent
+    name = f"{params['env']}-{agent}{params.get('sac_steps', '')}-seed{params.get('seed', 0)}"
     return raw.parent.parent / "behaviour" / name
 
 
@@ -76,7 +77,7 @@ def run(cfg: dict[str, Any]) -> Path:
     else:
         if name == "mujoco":
             params["env"] = cfg["task"]["env"]
-            if params.get("policy") == "sac":
+            if params.get("policy") in ("sac", "sac-replay"):
                 params.setdefault("work_dir", str(behaviour_dir(out, params)))
         _generate(name, params, out, cfg["progress"])
     return out
