@@ -209,3 +209,36 @@ def test_missing_key_names_the_run_and_the_key():
     del bad["episodes"]["violations"]
     with pytest.raises(DataError, match=r"seed=3.*'episodes.violations'"):
         score_rows([bad])
+
+
+def test_behaviour_column_is_the_datasets_complete_episodes_normalized(tmp_path):
+    """Two complete episodes (a fall and a timeout) and an unfinished tail, which does not count."""
+    import numpy as np
+
+    from trifle.data.d4rl_format import save_dataset
+    from trifle.envs.mujoco import REF_SCORES
+    from trifle.evaluation.mujoco_tables import behaviour_score
+
+    n = 9
+    arrays = {
+        "observations": np.zeros((n, 11), np.float32),
+        "actions": np.zeros((n, 3), np.float32),
+        "rewards": np.array([1, 2, 3, 10, 10, 10, 10, 500, 500], np.float32),
+        "terminals": np.array([0, 0, 1, 0, 0, 0, 0, 0, 0], bool),
+        "timeouts": np.array([0, 0, 0, 0, 0, 0, 1, 0, 0], bool),
+    }
+    save_dataset(tmp_path / "hopper-x-local.hdf5", arrays, {})
+    low, high = REF_SCORES["hopper"]
+    scores = [100 * (6 - low) / (high - low), 100 * (40 - low) / (high - low)]
+    mean, sem, count = behaviour_score(tmp_path / "hopper-x-local.hdf5", "hopper")
+    assert count == 2
+    assert mean == pytest.approx(np.mean(scores))
+    assert sem == pytest.approx(np.std(scores, ddof=1) / math.sqrt(2))
+    rows = score_rows([record("hopper-x-local", "tt", 0, [10.0, 14.0])])
+    lines = paper_table1_markdown(rows, {"hopper-x-local": (mean, sem, count)}).splitlines()
+    assert (
+        lines[0]
+        == "| Dataset | Environment | DT (published) | TT (published) | Data (behaviour) | TT (ours) |"
+    )
+    assert lines[2] == f"| X-Local | Hopper | – | – | {mean:.1f} ± {sem:.1f} | 12.0 ± 2.0 |"
+    assert "episodes: hopper-x-local: 2" in lines[-1]

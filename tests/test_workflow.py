@@ -167,3 +167,22 @@ def test_every_workflow_output_is_pinned_by_dvc():
     assert files, summary
     unpinned = [f for f in files if not any(f.startswith(o.rstrip("/") + "/") for o in outs)]
     assert unpinned == []
+
+
+@pytest.mark.parametrize("name", ["mujoco_cpu", "ablations", "smoke"])
+def test_shipped_configs_that_extend_the_default_build_their_dag(name):
+    """`--configfile X` merges X into default.yaml: the default's per_task entries for tasks X does not
+    run are inherited and must not fail the build (paper.yaml runs every default task, so it is not here)."""
+    result = snakemake(REPO, "-n", "--configfile", f"workflow/config/{name}.yaml", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_given_configs_own_per_task_entry_must_name_a_task_it_runs(tmp_path):
+    project = copy_project(tmp_path / "p")
+    extra = project / "extra.yaml"
+    extra.write_text("tasks: [frozenlake-eps0.5]\nper_task: {hopper-random-local: {seeds: [1]}}\n")
+    result = snakemake(project, "-n", "--configfile", str(extra), check=False)
+    assert result.returncode != 0
+    assert (
+        "per_task" in result.stderr + result.stdout and "hopper-random-local" in result.stderr + result.stdout
+    )

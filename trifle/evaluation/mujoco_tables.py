@@ -211,12 +211,37 @@ def _in_order(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({r["method"] for r in rows}, key=sort_key)
 
 
-def paper_table1_markdown(rows: list[dict[str, Any]]) -> str:
+def behaviour_score(path: Path, env: str) -> tuple[float, float, int]:
+    """Normalized score of the policy behind a dataset: mean and standard error over its complete episodes.
+
+    Complete means ended by a fall or the step limit; the unfinished tail is left out. This is the line
+    planning must beat: a planner below it imitates worse than the data it learned from.
+    """
+    from trifle.data.d4rl_format import load_dataset
+    from trifle.data.labels import segment_episodes
+    from trifle.envs.mujoco import normalized_score
+
+    data = load_dataset(path)
+    ends = np.flatnonzero(np.asarray(data.terminals, bool) | np.asarray(data.timeouts, bool))
+    if not ends.size:
+        raise DataError(f"{path}: no complete episode, so no behaviour score")
+    starts, _ = segment_episodes(data.terminals, data.timeouts)
+    sums = np.add.reduceat(np.asarray(data.rewards, np.float64), starts)[: len(ends)]
+    scores = normalized_score(env, sums)
+    sem = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
+    return float(scores.mean()), sem, len(scores)
+
+
+def paper_table1_markdown(
+    rows: list[dict[str, Any]], behaviour: dict[str, tuple[float, float, int]] | None = None
+) -> str:
     """Normalized scores laid out like the paper's Table 1, published TT/DT numbers beside ours.
 
     Only the methods the registry lists in the ``mujoco`` table count. One line per (dataset,
     environment); a column per method present ("<registry label> (ours)", mean +- sem); a final Average
-    line per column where the column has a value on every line, else "–".
+    line per column where the column has a value on every line, else "–". With ``behaviour`` (task ->
+    :func:`behaviour_score`), a "Data (behaviour)" column shows the score of the policy behind each
+    dataset, so a reader sees at once whether planning adds anything.
     """
     rows = table_rows(rows, MAIN_TABLE)
     if not rows:
@@ -228,11 +253,18 @@ def paper_table1_markdown(rows: list[dict[str, Any]]) -> str:
     labels = _labels({r["task"]: r for r in rows})
     header = ["Dataset", "Environment"]
     header += [f"{method(m).label} (published)" for m in published]
+    behaviour = behaviour or {}
+    extra = 1 if behaviour else 0
+    header += ["Data (behaviour)"] * extra
     header += [f"{method(m).label} (ours)" for m in methods]
-    body, columns = [], [[] for _ in range(len(published) + len(methods))]
+    body, columns = [], [[] for _ in range(len(published) + extra + len(methods))]
     for task in tasks:
         values: list[float | None] = [PUBLISHED[m].get(task) for m in published]
         cells = [DASH if v is None else f"{v:.1f}" for v in values]
+        if extra:
+            data = behaviour.get(task)
+            values.append(None if data is None else data[0])
+            cells.append(DASH if data is None else _cell(data[0], data[1]))
         for name in methods:
             row = by_key.get((task, name))
             values.append(None if row is None else row["score_mean"])
@@ -243,8 +275,15 @@ def paper_table1_markdown(rows: list[dict[str, Any]]) -> str:
     body.append(["Average", "", *(_average(c) for c in columns)])
     note = (
         "\nPublished numbers are from the TT and DT papers (normalized D4RL scores, v2 datasets); "
-        f"ours are {_error_note(rows)}.\n"
+        f"ours are {_error_note(rows)}."
     )
+    if behaviour:
+        counts = ", ".join(f"{task}: {behaviour[task][2]}" for task in tasks if task in behaviour)
+        note += (
+            " Data (behaviour): the normalized score of the dataset's own complete episodes (mean ± s.e.; "
+            f"episodes: {counts})."
+        )
+    note += "\n"
     return _markdown(header, body) + note
 
 
@@ -290,7 +329,10 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_mujoco_tables(
-    records: list[dict[str, Any]], mujoco_csv: Path, safe_csv: Path
+    records: list[dict[str, Any]],
+    mujoco_csv: Path,
+    safe_csv: Path,
+    behaviour: dict[str, tuple[float, float, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Write the rows of the methods the registry lists in the ``mujoco`` table to ``mujoco_csv`` and those
     it lists in the ``constrained`` table to ``safe_csv``.
@@ -304,7 +346,7 @@ def write_mujoco_tables(
     mujoco_csv, safe_csv = Path(mujoco_csv), Path(safe_csv)
     write_table(mujoco_csv, plain, MUJOCO_COLUMNS)
     write_table(safe_csv, safe, MUJOCO_COLUMNS)
-    _write_text(mujoco_csv.with_suffix(".md"), paper_table1_markdown(plain))
+    _write_text(mujoco_csv.with_suffix(".md"), paper_table1_markdown(plain, behaviour))
     _write_text(safe_csv.with_suffix(".md"), paper_table2_markdown(safe))
     return rows
 

@@ -21,7 +21,25 @@ if _unknown:
         f"workflow config 'tasks': unknown task(s) {_unknown}; expected names from trifle/conf/task: "
         f"{', '.join(available('task'))}"
     )
-_stray = sorted(set(config.get("per_task", {})) - set(config["tasks"]))
+
+
+def _inherited_per_task():
+    """per_task entries that only default.yaml (the Snakefile's configfile) holds, when --configfile gave
+    another config: a config extending the default must not have to run the default's tasks. Entries
+    of the given config itself must name tasks it runs."""
+    import yaml
+
+    if not workflow.overwrite_configfiles:
+        return set()
+    with open("workflow/config/default.yaml") as f:
+        inherited = set((yaml.safe_load(f) or {}).get("per_task") or {})
+    for path in workflow.overwrite_configfiles:
+        with open(path) as f:
+            inherited -= set((yaml.safe_load(f) or {}).get("per_task") or {})
+    return inherited
+
+
+_stray = sorted(set(config.get("per_task", {})) - set(config["tasks"]) - _inherited_per_task())
 if _stray:
     raise ValueError(f"workflow config 'per_task': {_stray} not in 'tasks' ({', '.join(config['tasks'])})")
 
@@ -181,6 +199,11 @@ def toy_evaluation_files(wildcards):
 
 def mujoco_evaluation_files(wildcards):
     return evaluation_files_of(MUJOCO_TASKS)
+
+
+def mujoco_raw_files(wildcards):
+    """The raw dataset of every MuJoCo task with evaluations (for the tables' behaviour column)."""
+    return sorted({f"data/raw/{f.split('/')[2]}.hdf5" for f in evaluation_files_of(MUJOCO_TASKS)})
 
 
 def final_targets():

@@ -64,7 +64,9 @@ rule summary:
 
 rule mujoco_tables:
     input:
-        mujoco_evaluation_files,
+        evals=mujoco_evaluation_files,
+        # The raw datasets: the table shows the score of the policy behind each one.
+        raw=mujoco_raw_files,
     output:
         csv=report(
             "results/tables/mujoco.csv",
@@ -91,7 +93,8 @@ rule mujoco_tables:
     params:
         code=code("mujoco_tables"),
         methods=method_registry,
-        files=file_list,
+        files=lambda wildcards, input: file_list(wildcards, input.evals),
+        raw=lambda wildcards, input: file_list(wildcards, input.raw),
     localrule: True
     threads: 1
     resources:
@@ -101,5 +104,6 @@ rule mujoco_tables:
     conda:
         "../envs/trifle.yaml"
     shell:
-        "python -m trifle mujoco_tables paths.eval_files={params.files} paths.mujoco_table={output.csv:q}"
+        "python -m trifle mujoco_tables paths.eval_files={params.files} paths.raw_files={params.raw}"
+        " paths.mujoco_table={output.csv:q}"
         " paths.safe_table={output.safe:q} paths.scores_figure={output.figure:q} > {log:q} 2>&1"
