@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from trifle.__main__ import main
-from trifle.config import STAGE_KEYS, available, compose, stage_overrides, stage_slice
+from trifle.config import STAGE_KEYS, STAGE_OUTPUTS, available, compose, stage_overrides, stage_slice
 from trifle.errors import ConfigError
 from trifle.fingerprint import code_fingerprint
 
@@ -168,6 +168,13 @@ def test_stage_runs_as_module_and_saves_provenance(tmp_path):
     assert info["stage"] == "data" and info["seed"] == 0
     assert info["config"]["task"]["dataset"]["num_episodes"] == 20
     assert "commit" in info["git"]
+
+
+def test_every_stage_names_its_outputs_among_the_paths():
+    """The command line checks these before a stage runs; a key missing from `paths` would go unchecked."""
+    paths = compose([])["paths"]
+    assert set(STAGE_OUTPUTS) == set(STAGE_KEYS)
+    assert {key for keys in STAGE_OUTPUTS.values() for key in keys} <= set(paths)
 
 
 def test_jobs_get_only_the_overrides_their_stage_reads():

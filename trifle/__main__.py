@@ -2,12 +2,18 @@
 
 Also ``python -m trifle sync`` (pull pinned artifacts from DVC and mark them up to date for
 Snakemake) and ``python -m trifle show [overrides]`` (print the resolved config).
+
+A user mistake (a TrifleError) is one line on stderr and exit status 1; with ``TRIFLE_DEBUG=1`` in the
+environment it is raised instead, with its full traceback. SIGTERM (a cancelled Snakemake or cluster
+job) unwinds like Ctrl-C, so temporary files are removed and no provenance is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +23,7 @@ from trifle.errors import TrifleError
 
 # The stages are the modules of trifle.stages, each with its config keys in trifle.config.STAGE_KEYS.
 STAGES = tuple(STAGE_KEYS)
+DEBUG_ENV = "TRIFLE_DEBUG"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,13 +39,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_stage(stage: str, overrides: Sequence[str]) -> None:
-    """Compose the config, set threads and device, run the stage, save provenance beside its output."""
+    """Compose the config, check the outputs can be written, set threads, run the stage, save provenance
+    beside its output."""
     import torch
 
-    from trifle.config import compose
-    from trifle.runinfo import write_run_info
+    from trifle.config import compose, stage_outputs
+    from trifle.runinfo import prepare_outputs, write_run_info
 
     cfg = compose(overrides)
+    prepare_outputs(stage_outputs(cfg, stage))
     torch.set_num_threads(cfg["threads"])
     module = importlib.import_module(f"trifle.stages.{stage}")
     started = time.perf_counter()
@@ -47,8 +56,15 @@ def run_stage(stage: str, overrides: Sequence[str]) -> None:
     print(f"trifle {stage}: wrote {output} ({info.name})")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: Python's default ends the process at once, skipping the clean-up of half-written
+    outputs (trifle.io.atomic_path) that a KeyboardInterrupt runs."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "sync":
             from trifle.sync import sync
@@ -63,8 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             run_stage(args.command, args.overrides)
     except TrifleError as err:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
         print(f"trifle {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"trifle {args.command}: error: interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -47,6 +47,13 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "eval",
         "seed",
         "device",
+        # The GPT's architecture, checked against the checkpoint (trifle.models.gpt_checkpoint): the job
+        # must compose the config the GPT was trained with, or it would refuse a correct checkpoint.
+        "gpt.n_layer",
+        "gpt.n_head",
+        "gpt.n_embd",
+        "gpt.seq_transitions",
+        "gpt.value_inputs",
     ),
     "tables": (),
     "summary": (),
@@ -56,6 +63,27 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     # the evaluation record; the method is the record's).
     "optimality": ("task.name", "seed", "device"),
     "optimality_table": (),
+}
+
+# The `paths.*` keys each stage writes, its primary output (the one `run` returns) first. The command line
+# checks them all before the stage starts (trifle.runinfo.prepare_outputs), so an output that cannot be
+# written fails at once, not after the training.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "data": ("raw",),
+    "labels": ("labeled",),
+    "tokens": ("tokens",),
+    "train_gpt": ("gpt", "gpt_metrics"),
+    "train_pc": ("pc", "pc_metrics"),
+    "train_dt": ("dt", "dt_metrics"),
+    "train_critic": ("critic", "critic_metrics"),
+    "train_aux": ("aux", "aux_metrics"),
+    "evaluate": ("eval", "eval_steps"),
+    "tables": ("models_table",),
+    "summary": ("summary_table", "returns_figure"),
+    "mujoco_tables": ("mujoco_table", "safe_table", "scores_figure"),
+    "ablation_table": ("ablation_table", "ablation_figure"),
+    "optimality": ("optimality",),
+    "optimality_table": ("optimality_table", "optimality_figure"),
 }
 
 
@@ -510,6 +538,12 @@ def stage_slice(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
             value = {k: v for k, v in value.items() if k not in NOT_SLICED[key]}
         out[key] = value
     return out
+
+
+def stage_outputs(cfg: dict[str, Any], stage: str) -> dict[str, Path]:
+    """The paths a stage writes, keyed ``paths.<name>``; a null one (``eval_steps``: beside the record) is
+    left out, since its default lies beside another output."""
+    return {f"paths.{key}": Path(cfg["paths"][key]) for key in STAGE_OUTPUTS[stage] if cfg["paths"].get(key)}
 
 
 def _related(key: str, stage_key: str) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trifle.errors import DataError
+
 #: What ``np.load`` raises on a damaged ``.npz`` (a truncated copy, an interrupted write elsewhere): the
 #: loaders turn these into one DataError naming the file. A truncated zip is ``BadZipFile``, which is not
 #: an OSError, and a member cut short raises EOFError.
@@ -50,5 +52,9 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file written by :func:`write_json`."""
-    return json.loads(Path(path).read_text())
+    """Read a JSON file written by :func:`write_json`; a file that is not JSON (a text file or a
+    checkpoint given in its place) is a DataError naming it, not a decoder traceback."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable JSON file ({err})") from err

@@ -1,14 +1,23 @@
-"""Provenance saved beside every stage output: resolved config, seed, git revision, versions, timing."""
+"""Provenance saved beside every stage output: resolved config, seed, git revision, versions, timing.
+
+``<output>.run.json`` vouches for a complete output, so it is written (atomically) only once the stage
+has returned, and an earlier run's copy is removed before the stage starts: Snakemake deletes a job's
+outputs before running it, but not this file it does not know of, and a failed or interrupted run must
+not leave it behind without its output. The same start checks that every output can be written.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from trifle.errors import ConfigError
 from trifle.io import write_json
 
 
@@ -33,9 +42,36 @@ def _version(package: str) -> str | None:
         return None
 
 
+def run_info_path(output: str | Path) -> Path:
+    return Path(f"{output}.run.json")
+
+
+def check_writable(key: str, path: Path) -> None:
+    """An output must be a file in a folder this process can create or write: checked before a stage
+    starts, so a read-only folder, or a file where a folder is needed, is one line naming the path and
+    not a PermissionError after hours of training."""
+    if path.is_dir():
+        raise ConfigError(f"{key}={path}: is a directory, expected the path of a file to write")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={path}: cannot be written: {folder} is a file, expected a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: cannot be written: the directory {folder} is not writable")
+
+
+def prepare_outputs(outputs: Mapping[str, Path]) -> None:
+    """Before a stage runs: every output writable, and no earlier run's ``.run.json`` left beside them."""
+    for key, path in outputs.items():
+        check_writable(key, path)
+    for path in outputs.values():
+        run_info_path(path).unlink(missing_ok=True)
+
+
 def write_run_info(output: str | Path, *, stage: str, cfg: dict[str, Any], seconds: float) -> Path:
-    """Write ``<output>.run.json`` and return its path."""
-    path = Path(f"{output}.run.json")
+    """Write ``<output>.run.json`` (after the output is complete) and return its path."""
+    path = run_info_path(output)
     write_json(
         path,
         {

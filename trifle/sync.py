@@ -44,9 +44,56 @@ def blocking_changes(status: dict) -> list[str]:
     return problems
 
 
+def _remote(dvc_pull_args: Sequence[str]) -> tuple[str | None, str | None]:
+    """The remote `dvc pull` reads (``-r/--remote NAME`` or the default) and its URL, from `dvc config
+    --list` (None where there is none; `dvc remote list` wraps long lines when piped)."""
+    args = list(dvc_pull_args)
+    name = None
+    for i, arg in enumerate(args):
+        if arg in ("-r", "--remote") and i + 1 < len(args):
+            name = args[i + 1]
+        elif arg.startswith("--remote="):
+            name = arg.partition("=")[2]
+    listing = subprocess.run(["dvc", "config", "--list"], capture_output=True, text=True).stdout
+    config = dict(line.partition("=")[::2] for line in listing.splitlines())
+    name = name or config.get("core.remote")
+    return name, config.get(f"remote.{name}.url") if name else None
+
+
+def _pull_failure(dvc_pull_args: Sequence[str], code: int) -> str:
+    """Why `dvc pull` failed, in one line: which remote it read, and which pinned files it lacks
+    (`dvc status --cloud`), rather than only an exit code."""
+    name, url = _remote(dvc_pull_args)
+    if name is None:
+        return (
+            f"sync: 'dvc pull' failed with exit code {code}: no DVC remote is set; expected a default "
+            "remote (`dvc remote add -d <name> <url>`) or `-r <name>`"
+        )
+    where = f"remote '{name}' ({url or 'unknown URL'})"
+    status = subprocess.run(
+        ["dvc", "status", "--cloud", "--json", "-r", name], capture_output=True, text=True
+    )
+    try:
+        missing = sorted(p for p, state in json.loads(status.stdout or "{}").items() if state == "missing")
+    except (ValueError, AttributeError):
+        missing = []
+    if not missing:
+        return f"sync: 'dvc pull' from {where} failed with exit code {code} (see dvc's messages above)"
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (
+        f"sync: 'dvc pull' failed: {where} lacks {len(missing)} file(s) this checkout pins: {shown}; "
+        "expected them pushed there (`dvc push` in the checkout that produced them)"
+    )
+
+
 def sync(dvc_pull_args: Sequence[str] = ()) -> None:
     """Pull pinned artifacts, verify them against dvc.lock, then mark them up to date for Snakemake."""
-    _run(["dvc", "pull", *dvc_pull_args])
+    try:
+        _run(["dvc", "pull", *dvc_pull_args])
+    except TrifleError as err:
+        if not isinstance(err.__cause__, subprocess.CalledProcessError):
+            raise
+        raise TrifleError(_pull_failure(dvc_pull_args, err.__cause__.returncode)) from err
     status = json.loads(_run(["dvc", "status", "--json"]).stdout or "{}")
     problems = blocking_changes(status)
     if problems:

@@ -146,7 +146,12 @@ def load_checkpoint(path: Path, device: str | torch.device, kind: str) -> dict:
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        # One short line: torch's messages can run to several, with advice that does not apply here.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        reason = f"{type(exc).__name__}: {first}" if first and len(first) <= 120 else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint, expected a trifle {kind} checkpoint ({reason})"
+        ) from exc
     if not isinstance(obj, dict) or "format" not in obj:
         raise CheckpointError(f"{path}: not a trifle {kind} checkpoint (no 'format' entry)")
     return obj

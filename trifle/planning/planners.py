@@ -744,24 +744,28 @@ def build_planner(
     device: str = "cpu",
     critic_path: str | None = None,
     tabular_q=None,
+    tokens_path: str | None = None,
+    gpt_cfg: Mapping[str, Any] | None = None,
 ) -> BeamPlanner:
     """Validate the config, load the checkpoints (checking they fit ``tokens``) and build the planner.
 
     Every failure happens here, before any rollout: bad keys (ConfigError naming ``planner.<key>``),
     a plan longer than the GPT's context, a missing circuit or one whose window is too short, and
-    checkpoints trained on other data (CheckpointError from load_gpt / load_circuit).
+    checkpoints trained on other data or, given ``gpt_cfg``, with another architecture (CheckpointError
+    from load_checked_gpt / load_circuit; ``tokens_path`` names the token file in those messages).
     """
     from trifle.data.circuit_windows import circuit_num_cats
     from trifle.models.circuits import load_circuit
-    from trifle.models.gpt_training import load_gpt
+    from trifle.models.gpt_checkpoint import load_checked_gpt
 
     settings = validate_config(planner_cfg)
     dim = tokens.transition_dim
     needs_circuit = settings.method in TRIFLE_METHODS
     check_circuit(settings, circuit_window=circuit_window, has_circuit=circuit_path is not None)
     check_critic(settings, has_critic=bool(critic_path))
-    expect = {"obs_dim": tokens.obs_dim, "act_dim": tokens.act_dim, "vocab_size": tokens.vocab_size}
-    model, _ = load_gpt(gpt_path, expect=expect, device=device)
+    model, _ = load_checked_gpt(
+        gpt_path, tokens=tokens, tokens_path=tokens_path, gpt_cfg=gpt_cfg, device=device
+    )
     check_context(
         settings,
         block_size=model.cfg.block_size,
@@ -838,6 +842,8 @@ def beam_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[None, BeamP
         device=device,
         critic_path=critic_path,
         tabular_q=tabular_q,
+        tokens_path=paths["tokens"],
+        gpt_cfg=cfg.get("gpt"),
     )
     return [(None, policy)]
 

@@ -40,18 +40,17 @@ def behaviour_dir(raw: Path, params: dict[str, Any]) -> Path:
 
 
 def _take_file(params: dict[str, Any], out: Path, label: str) -> None:
-    """Place the user's file and check its layout now, so a wrong file fails here, not in `labels`."""
+    """Check the user's file, then place it: a wrong file fails here, not in `labels`, and is named by the
+    user's path (task.dataset.path), not by the project's copy, which is then never made."""
     unknown = sorted(set(params) - {"path", "sha256"})
     if "path" not in params or unknown:
         raise ConfigError(
             f"task.dataset: generator 'file' takes `path` and an optional `sha256`, got keys {sorted(params)}"
         )
-    fetch_file(params["path"], out, sha256=params.get("sha256"), label=label)
-    try:
-        load_dataset(out)
-    except BaseException:
-        out.unlink(missing_ok=True)  # only our link or copy; the user's file stays
-        raise
+    source = Path(params["path"]).expanduser()
+    if source.is_file():  # a missing file is fetch_file's to report
+        load_dataset(source)
+    fetch_file(source, out, sha256=params.get("sha256"), label=label)
 
 
 def _generate(name: str, params: dict[str, Any], out: Path, progress: bool) -> None:
