@@ -162,14 +162,7 @@ def _sac_replay(
     behaviour = _behaviour_module()
     behaviour.train_sac(env, steps=sac_steps, seed=seed, work_dir=work_dir, progress=progress)
     steps = {key: value[:num_steps] for key, value in behaviour.final_replay(work_dir).items()}
-    arrays = {
-        "observations": np.asarray(steps["obs"], dtype=np.float32),
-        "actions": np.asarray(steps["action"], dtype=np.float32),
-        "rewards": np.asarray(steps["reward"], dtype=np.float32),
-        "terminals": np.asarray(steps["terminal"], dtype=bool),
-        "timeouts": np.asarray(steps["timeout"], dtype=bool),
-        "next_observations": np.asarray(steps["next_obs"], dtype=np.float32),
-    }
+    arrays = _d4rl_arrays(steps)
     ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
     if not ends.size:
         arrays["timeouts"][-1] = True  # the file format needs an episode end (see generate_mujoco_dataset)
@@ -218,19 +211,21 @@ def _rollout(
     return steps, returns
 
 
-def _d4rl_arrays(steps: dict[str, list]) -> Arrays:
-    """Stack per-step records into D4RL-layout arrays and dtypes."""
-    return {
+def _d4rl_arrays(steps: dict[str, Any]) -> Arrays:
+    """Stack per-step records into D4RL-layout arrays and dtypes; ``infos/*`` only where recorded (a
+    replay buffer keeps no simulator state or log-densities)."""
+    arrays = {
         "observations": np.asarray(steps["obs"], dtype=np.float32),
         "actions": np.asarray(steps["action"], dtype=np.float32),
         "rewards": np.asarray(steps["reward"], dtype=np.float32),
         "terminals": np.asarray(steps["terminal"], dtype=bool),
         "timeouts": np.asarray(steps["timeout"], dtype=bool),
         "next_observations": np.asarray(steps["next_obs"], dtype=np.float32),
-        "infos/qpos": np.asarray(steps["qpos"], dtype=np.float64),
-        "infos/qvel": np.asarray(steps["qvel"], dtype=np.float64),
-        "infos/action_log_probs": np.asarray(steps["log_prob"], dtype=np.float64),
     }
+    for key, name in (("qpos", "infos/qpos"), ("qvel", "infos/qvel"), ("log_prob", "infos/action_log_probs")):
+        if key in steps:
+            arrays[name] = np.asarray(steps[key], dtype=np.float64)
+    return arrays
 
 
 def _attrs(
