@@ -64,6 +64,10 @@ def _write(root: Path, name: str, text: str) -> None:
             "name: other\nregistry: {policy: a:b, needs: [gpt], label: M, order: 1, tables: [summary], reference: false}\n",
             "expected the file's name",
         ),
+        (
+            "name: m\nregistry: {policy: a:b, validate: a.b, needs: [gpt], label: M, order: 1, tables: [summary], reference: false}\n",
+            "registry.validate",
+        ),
     ],
 )
 def test_a_malformed_block_is_one_error_naming_the_file(tmp_path, monkeypatch, text, message):
@@ -90,6 +94,35 @@ def test_a_policy_that_cannot_be_imported_is_named(tmp_path, monkeypatch):
         )
         with pytest.raises(ConfigError, match="cannot be loaded"):
             method("m").policy_function()
+    finally:
+        method.cache_clear()
+
+
+def test_the_settings_checks_come_from_the_registry_and_are_inherited():
+    beam, dt_trifle = "trifle.planning.planner_settings", "trifle.planning.dt_trifle_settings"
+    assert {name: method(name).validator for name in ("tt", "trifle-m", "tt-q", "trifle-dt", "dt")} == {
+        "tt": f"{beam}:validate_planner",
+        "trifle-m": f"{beam}:validate_planner",
+        "tt-q": f"{beam}:validate_planner",
+        "trifle-dt": f"{dt_trifle}:validate_planner",
+        "dt": None,
+    }
+    with pytest.raises(ConfigError, match="planner.beam_width"):
+        method("tt").validate({**compose(["task=taxi-stochastic"])["planner"], "beam_width": 0})
+
+
+def test_a_settings_check_that_cannot_be_imported_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(methods, "PLANNER_DIR", tmp_path)
+    method.cache_clear()
+    try:
+        _write(
+            tmp_path,
+            "m",
+            "name: m\nregistry: {policy: 'trifle.planning.planners:beam_policies', validate: 'nope.nope:check', "
+            "needs: [gpt], label: M, order: 1, tables: [summary], reference: false}\n",
+        )
+        with pytest.raises(ConfigError, match="registry.validate .* cannot be loaded"):
+            method("m").validate({})
     finally:
         method.cache_clear()
 

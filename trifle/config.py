@@ -644,7 +644,7 @@ def _validate_task(cfg: dict[str, Any]) -> None:
     from trifle.planning.constraints import parse_constraint
 
     parse_constraint(get(cfg, "task.action_constraint"))
-    from trifle.planning.dt_policy import parse_target_returns
+    from trifle.planning.dt_targets import parse_target_returns
 
     parse_target_returns(get(cfg, "task.dt_target_returns"), "task.dt_target_returns")
 
@@ -656,35 +656,36 @@ def _validate_planner(cfg: dict[str, Any]) -> None:
     planner = get(cfg, "planner")
     method(planner["name"]).validate(planner)  # the registry block, then the planner's own key checks
     if planner.get("method") == "dt" and planner.get("target_return") is not None:
-        from trifle.planning.dt_policy import parse_target_returns
+        from trifle.planning.dt_targets import parse_target_returns
 
         parse_target_returns(planner["target_return"], "planner.target_return")
 
 
 def _validate_gpt(cfg: dict[str, Any]) -> None:
-    """The trainer owns the GPT key checks; they run here so bad values fail before any stage starts."""
-    from trifle.models.gpt_training import resolve_config
+    """The trainer's settings module owns the GPT key checks; they run here so bad values fail before any
+    stage starts. Like every check here it imports no torch: the workflow composes a config per job."""
+    from trifle.models.gpt_settings import resolve_config
 
     resolve_config(get(cfg, "gpt"))
 
 
 def _validate_dt(cfg: dict[str, Any]) -> None:
-    """The DT trainer owns its key checks, as the GPT trainer does."""
-    from trifle.models.dt_training import resolve_config
+    """The DT trainer's settings module owns its key checks, as the GPT trainer's does."""
+    from trifle.models.dt_settings import resolve_config
 
     resolve_config(get(cfg, "dt"))
 
 
 def _validate_critic(cfg: dict[str, Any]) -> None:
-    """The IQL critic's trainer owns its key checks, as the GPT trainer does."""
-    from trifle.models.iql_training import resolve_config
+    """The IQL critic's trainer's settings module owns its key checks, as the GPT trainer's does."""
+    from trifle.models.iql_settings import resolve_config
 
     resolve_config(get(cfg, "critic"))
 
 
 def _validate_aux(cfg: dict[str, Any]) -> None:
-    """The return models' trainer owns their key checks, as the GPT trainer does."""
-    from trifle.models.aux_training import resolve_config
+    """The return models' trainer's settings module owns their key checks, as the GPT trainer's does."""
+    from trifle.models.aux_settings import resolve_config
 
     resolve_config(get(cfg, "aux"))
 

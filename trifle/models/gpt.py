@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trifle.errors import ConfigError
-
-VALUE_INPUTS = ("read", "masked")
+from trifle.models.gpt_settings import VALUE_INPUTS
 
 
 @dataclass

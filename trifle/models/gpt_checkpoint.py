@@ -18,7 +18,8 @@ import torch
 from trifle.data.tokens import TokenData
 from trifle.errors import CheckpointError
 from trifle.models.gpt import TrajectoryGPT
-from trifle.models.gpt_training import _fingerprint, load_gpt, resolve_config
+from trifle.models.gpt_settings import resolve_config
+from trifle.models.gpt_training import data_fingerprint, load_gpt
 
 #: The ``gpt.*`` keys that shape the trained network (the others only steer its training).
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "seq_transitions", "value_inputs")
@@ -58,7 +59,7 @@ def load_checked_gpt(
                 )
     data = ckpt.get("data")
     if data is not None:
-        found = _fingerprint(tokens.tokens, tokens.episode_starts, tokens.episode_terminal)
+        found = data_fingerprint(tokens.tokens, tokens.episode_starts, tokens.episode_terminal)
         if data.get("sha256") != found["sha256"]:
             where = tokens_path if tokens_path is not None else "the given token file"
             raise CheckpointError(

@@ -23,18 +23,17 @@ import torch
 
 from trifle.data.windows import TransitionWindows, split_episodes
 from trifle.errors import CheckpointError, ConfigError
-from trifle.models.gpt import VALUE_INPUTS, GPTConfig, TrajectoryGPT
+from trifle.models.gpt import GPTConfig, TrajectoryGPT
+from trifle.models.gpt_settings import SMALL_CONFIG as SMALL_CONFIG
+from trifle.models.gpt_settings import TT_CONFIG as TT_CONFIG
+from trifle.models.gpt_settings import resolve_config
 from trifle.models.training_common import (
     adamw,
-    betas_setting,
     cpu_state,
     derived_seed,
     eval_subset,
-    float_setting,
-    int_setting,
     load_checkpoint,
     seeded,
-    steps_or_epochs,
 )
 from trifle.models.training_loop import (
     TrainingJob,
@@ -44,71 +43,14 @@ from trifle.models.training_loop import (
     shuffled_batches,
 )
 
+# The settings (TT_CONFIG, SMALL_CONFIG and resolve_config) are defined in the torch-free gpt_settings,
+# which config validation imports; they are imported here so that the trainer's users find them here too.
+
 CHECKPOINT_FORMAT = "trifle-gpt/1"
 PARTIAL_FORMAT = "trifle-gpt-partial/1"
 
-#: Trajectory Transformer's published GPT settings (config/offline.py); pick ``steps`` or ``epochs``.
-TT_CONFIG: dict[str, Any] = {
-    "n_layer": 4,
-    "n_head": 4,
-    "n_embd": 128,
-    "dropout": 0.1,
-    "seq_transitions": 10,
-    "batch_size": 256,
-    "learning_rate": 6e-4,
-    "weight_decay": 0.1,
-    "betas": (0.9, 0.95),
-    "grad_clip": 1.0,
-    "steps": None,
-    "epochs": None,
-    "warmup_steps": 1000,
-    "min_lr_fraction": 0.1,
-    "action_weight": 5.0,
-    "reward_weight": 1.0,
-    "value_weight": 1.0,
-    "value_inputs": "read",
-    "valid_fraction": 0.05,
-    "eval_every": 1000,
-    "eval_windows": 1024,
-    "checkpoint_every": 1000,
-}
-
-#: A CPU-friendly model for the quick workflow (toy-text tasks, smoke runs).
-SMALL_CONFIG: dict[str, Any] = {**TT_CONFIG, "n_layer": 2, "n_head": 2, "n_embd": 64, "batch_size": 64}
-
 # Keys whose change does not alter the trained weights, so a resume may ignore them.
 _RESUME_FREE_KEYS = {"checkpoint_every"}
-
-
-def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a training config (missing keys take :data:`TT_CONFIG` values) and return plain types."""
-    unknown = sorted(set(cfg) - set(TT_CONFIG))
-    if unknown:
-        raise ConfigError(f"gpt.{unknown[0]}: unknown key; known keys are {', '.join(sorted(TT_CONFIG))}")
-    full = {**TT_CONFIG, **dict(cfg)}
-    out: dict[str, Any] = {}
-    for key in ("n_layer", "n_head", "n_embd", "seq_transitions", "batch_size", "eval_windows"):
-        out[key] = int_setting(full, "gpt", key, 1)
-    for key in ("warmup_steps", "eval_every", "checkpoint_every"):
-        out[key] = int_setting(full, "gpt", key, 0)
-    if out["n_embd"] % out["n_head"]:
-        raise ConfigError(f"gpt.n_embd: {out['n_embd']} must be divisible by gpt.n_head={out['n_head']}")
-    out["dropout"] = float_setting(full, "gpt", "dropout", 0.0, 0.99)
-    out["learning_rate"] = float_setting(full, "gpt", "learning_rate", 0.0, 10.0, open_low=True)
-    out["weight_decay"] = float_setting(full, "gpt", "weight_decay", 0.0, 10.0)
-    out["grad_clip"] = float_setting(full, "gpt", "grad_clip", 0.0, math.inf)
-    out["min_lr_fraction"] = float_setting(full, "gpt", "min_lr_fraction", 0.0, 1.0)
-    out["valid_fraction"] = float_setting(full, "gpt", "valid_fraction", 0.0, 0.99, open_low=True)
-    for key in ("action_weight", "reward_weight", "value_weight"):
-        out[key] = float_setting(full, "gpt", key, 0.0, math.inf)
-    out["betas"] = betas_setting(full, "gpt")
-    out["steps"], out["epochs"] = steps_or_epochs(full, "gpt")
-    if full["value_inputs"] not in VALUE_INPUTS:
-        raise ConfigError(
-            f"gpt.value_inputs: expected one of {', '.join(VALUE_INPUTS)}, got {full['value_inputs']!r}"
-        )
-    out["value_inputs"] = full["value_inputs"]
-    return out
 
 
 def model_config(cfg: Mapping[str, Any], obs_dim: int, act_dim: int, vocab_size: int) -> GPTConfig:
@@ -134,8 +76,13 @@ def make_optimizer(model: TrajectoryGPT, cfg: Mapping[str, Any]) -> torch.optim.
     return adamw(model, cfg, also_decay=("head_weight",))
 
 
-def _fingerprint(tokens: np.ndarray, episode_starts: np.ndarray, episode_terminal: np.ndarray) -> dict:
-    """Shapes plus a content hash, so a partial checkpoint is never resumed on different data."""
+def data_fingerprint(tokens: np.ndarray, episode_starts: np.ndarray, episode_terminal: np.ndarray) -> dict:
+    """Shapes plus a content hash of a token file's arrays, stored in every GPT checkpoint.
+
+    Public because two readers compare against it: a partial checkpoint is never resumed on different data
+    (the training loop), and a trained GPT is only used with the tokens it was trained on
+    (trifle.models.gpt_checkpoint.load_checked_gpt).
+    """
     digest = hashlib.sha256()
     for array, dtype in ((tokens, np.int64), (episode_starts, np.int64), (episode_terminal, np.bool_)):
         digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
@@ -197,7 +144,7 @@ def train_gpt(
     train_windows = TransitionWindows(*window_args, train_ids)
     valid_windows = TransitionWindows(*window_args, valid_ids)
     total_steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(train_windows) / cfg["batch_size"])
-    data = _fingerprint(tokens, episode_starts, episode_terminal)
+    data = data_fingerprint(tokens, episode_starts, episode_terminal)
     with seeded(derived_seed(seed, 0), torch.device(device)):
         model = TrajectoryGPT(mcfg)
     train_eval = eval_subset(len(train_windows), cfg["eval_windows"])

@@ -1,6 +1,7 @@
-"""What the GPT and Decision Transformer trainers share: setting checks, seed-derived randomness,
-the learning-rate schedule, the optimizer's parameter groups, and resumable checkpoints. The loop that
-puts these together is ``training_loop``.
+"""What the GPT and Decision Transformer trainers share: seed-derived randomness, the learning-rate
+schedule, the optimizer's parameter groups, and resumable checkpoints. The loop that puts these together
+is ``training_loop``; the checks of single settings are ``setting_checks``' (torch-free, for config
+validation).
 
 Reproducibility is by construction: the init, the minibatch of step ``t`` and its dropout masks are
 functions of ``(seed, t)``, so a run resumed from ``<out_path>.partial.pt`` replays exactly the steps
@@ -19,52 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trifle.errors import CheckpointError, ConfigError
-
-
-def int_setting(cfg: Mapping[str, Any], group: str, key: str, minimum: int) -> int:
-    """``cfg[key]`` as an int >= ``minimum``; otherwise a ConfigError naming ``<group>.<key>``."""
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{group}.{key}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def float_setting(
-    cfg: Mapping[str, Any], group: str, key: str, low: float, high: float, *, open_low: bool = False
-) -> float:
-    """``cfg[key]`` as a float in [low, high] (or (low, high]); otherwise a ConfigError naming it."""
-    value = cfg[key]
-    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ConfigError(f"{group}.{key}: expected a number in {bracket}{low}, {high}], got {cfg[key]!r}")
-    return value
-
-
-def betas_setting(cfg: Mapping[str, Any], group: str) -> list[float]:
-    """``cfg["betas"]`` as Adam's two betas, each in [0, 1); otherwise a ConfigError naming ``<group>.betas``."""
-    try:
-        betas = tuple(float(b) for b in cfg["betas"])
-    except (TypeError, ValueError):
-        betas = ()
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"{group}.betas: expected two numbers in [0, 1), got {cfg['betas']!r}")
-    return list(betas)
-
-
-def steps_or_epochs(cfg: Mapping[str, Any], group: str) -> tuple[int | None, float | None]:
-    """The training length, ``(steps, epochs)``: exactly one of ``cfg["steps"]`` / ``cfg["epochs"]`` is set."""
-    if (cfg["steps"] is None) == (cfg["epochs"] is None):
-        raise ConfigError(f"{group}.steps / {group}.epochs: set exactly one of them (the other must be null)")
-    steps = None if cfg["steps"] is None else int_setting(cfg, group, "steps", 1)
-    epochs = (
-        None if cfg["epochs"] is None else float_setting(cfg, group, "epochs", 0.0, math.inf, open_low=True)
-    )
-    return steps, epochs
+from trifle.errors import CheckpointError
 
 
 @contextlib.contextmanager

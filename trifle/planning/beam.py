@@ -45,22 +45,8 @@ from typing import Protocol
 import torch
 
 from trifle.models.gpt import KVCache, TrajectoryGPT
+from trifle.planning.planner_settings import BeamSettings
 from trifle.planning.sampling import expectation, filter_logits, filter_support, restrict, sample
-
-
-@dataclass(frozen=True)
-class BeamSettings:
-    """The beam-search hyperparameters (planner config keys of the same names)."""
-
-    beam_width: int
-    horizon: int
-    expansion_factor: int
-    k_obs: int | None
-    k_act: int | None
-    cdf_act: float | None
-    discount: float
-    use_cache: bool = True
-    act_support: float | None = None
 
 
 def crop_offset(length: int, block_size: int, transition_dim: int) -> int:

@@ -19,16 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from trifle.data.discretize import Discretizer
+from trifle.planning.planner_settings import MULTISTEP_VALUES, VALUE_THRESHOLDS
 from trifle.planning.sampling import bin_values
 
 #: Largest batch sent to the circuit in one call (keeps the [B, V, C] evidence tensor moderate).
 MAX_QUERY_ROWS = 4096
-
-#: Rules of the proposal's value threshold (:func:`kept_bins`, ``planner.value_threshold``); first = default.
-VALUE_THRESHOLDS = ("mass", "strict", "cdf")
-#: Forms of m-Trifle's plan value (:func:`expected_multistep_value`, ``planner.multistep_value``);
-#: first = default.
-MULTISTEP_VALUES = ("survival", "soft_pad")
 
 
 @dataclass(frozen=True)
@@ -202,9 +197,6 @@ def fixed_kept_levels(marginal: torch.Tensor, quantile: float) -> torch.Tensor:
     if not kept.any():
         kept[-1] = 1.0
     return kept
-
-
-CORRECTION_TARGETS = ("return", "value")
 
 
 @dataclass(frozen=True)

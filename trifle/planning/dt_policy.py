@@ -15,7 +15,6 @@ other environments are still running.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,24 +25,11 @@ import torch
 from trifle.errors import ConfigError
 from trifle.models.dt import DecisionTransformer
 from trifle.models.dt_training import load_dt
+from trifle.planning.dt_targets import dt_target_returns
+from trifle.planning.dt_targets import parse_target_returns as parse_target_returns
 
-
-def parse_target_returns(value: Any, key: str) -> list[float]:
-    """One or several conditioning returns as a non-empty list of finite floats.
-
-    ``value`` is a number or a list of numbers (``key`` names the config key in the error). Booleans and
-    strings are rejected rather than coerced, so a typo cannot silently become a target.
-    """
-
-    def number(item: Any) -> bool:
-        return isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
-
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items or not all(number(item) for item in items):
-        raise ConfigError(
-            f"{key}: expected a finite number or a non-empty list of finite numbers, got {value!r}"
-        )
-    return [float(item) for item in items]
+# DT's targets (parse_target_returns, dt_target_returns) are defined in the torch-free dt_targets, which
+# config validation imports; they are imported here so that the policy's users find them here too.
 
 
 class DTPolicy:
@@ -185,17 +171,6 @@ class DTPolicy:
         self._return_to_go[ids] -= np.asarray(rewards, np.float64).reshape(len(ids))
         self._timestep[ids] += 1
         self._pending[ids] = False
-
-
-def dt_target_returns(cfg: Mapping[str, Any]) -> list[float]:
-    """DT's conditioning targets: ``planner.target_return`` (a number or a list) when set, else the
-    task's ``dt_target_returns`` list."""
-    target = cfg["planner"].get("target_return")
-    if target is not None:
-        return parse_target_returns(target, "planner.target_return")
-    if cfg["task"].get("dt_target_returns") is None:
-        raise ConfigError("task.dt_target_returns: no target return set (nor planner.target_return)")
-    return parse_target_returns(cfg["task"]["dt_target_returns"], "task.dt_target_returns")
 
 
 def dt_policies(cfg: Mapping[str, Any], device: str) -> list[tuple[float, DTPolicy]]:

@@ -10,6 +10,12 @@ A method is a file ``trifle/conf/planner/<name>.yaml``. Besides the planner's se
       order: 30                      # position in tables and figures (then by name)
       tables: [summary, mujoco]      # which result tables list it
       reference: false               # the one method every other is compared with, episode by episode
+      validate: trifle.planning.planner_settings:validate_planner  # optional: the settings check
+
+``validate`` (optional) names a function checking the planner settings, ``(planner_cfg) -> None``, that
+config composition runs on every composed config, so a bad value fails when the workflow builds its DAG.
+It must not load a model, and its module must not import torch (the workflow composes a config per job):
+it lives beside the policy's module, not in it (trifle.planning.planner_settings for the beam planners).
 
 The policy function takes ``(cfg, device)`` (the composed config, ``paths.*`` filled by the workflow)
 and returns ``[(target, Policy), ...]``: one entry, target ``None``, for a planner; one per conditioning
@@ -44,6 +50,8 @@ PLANNER_DIR = Path(__file__).resolve().parents[1] / "conf" / "planner"
 INPUTS = ("tokens", "labeled", "gpt", "pc", "dt", "critic")
 TABLES = ("summary", "mujoco", "constrained", "optimality")
 REGISTRY_KEYS = ("policy", "needs", "label", "order", "tables", "reference")
+#: Registry keys a method may leave out.
+OPTIONAL_REGISTRY_KEYS = ("validate",)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class Method:
     tables: tuple[str, ...]
     reference: bool
     constrained: bool
+    validator: str | None = None  # registry.validate: "module:function", or None
 
     @property
     def module(self) -> str:
@@ -66,21 +75,26 @@ class Method:
         return self.policy.partition(":")[0]
 
     def validate(self, planner_cfg: dict[str, Any]) -> None:
-        """Check the planner settings without loading a model, if the policy's module can: its optional
-        ``validate_planner(planner_cfg)``. Config composition runs it, so a bad value fails at DAG build."""
-        module = importlib.import_module(self.module)
-        check = getattr(module, "validate_planner", None)
-        if check is not None:
-            check(planner_cfg)
+        """Check the planner settings without loading a model: the method's ``registry.validate`` function,
+        if it has one. Config composition runs it, so a bad value fails at DAG build; it imports only the
+        validator's module (torch-free), never the policy's."""
+        if self.validator is not None:
+            _load(self.name, "validate", self.validator)(planner_cfg)
 
     def policy_function(self) -> Callable[[dict[str, Any], str], list[tuple[float | None, Any]]]:
-        module, _, function = self.policy.partition(":")
-        try:
-            return getattr(importlib.import_module(module), function)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(
-                f"{PLANNER_DIR / self.name}.yaml: registry.policy {self.policy!r} cannot be loaded ({exc})"
-            ) from exc
+        return _load(self.name, "policy", self.policy)
+
+
+def _load(name: str, key: str, target: str) -> Callable[..., Any]:
+    """The function ``module:function`` of ``registry.<key>`` of method ``name``; a ConfigError naming the
+    file if it cannot be loaded."""
+    module, _, function = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"{PLANNER_DIR / name}.yaml: registry.{key} {target!r} cannot be loaded ({exc})"
+        ) from exc
 
 
 def _raw(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -119,13 +133,17 @@ def method(name: str) -> Method:
     reg = raw.get("registry")
     if not isinstance(reg, dict):
         raise ConfigError(f"{where}: missing the 'registry' block (keys: {', '.join(REGISTRY_KEYS)})")
-    unknown = sorted(set(reg) - set(REGISTRY_KEYS))
+    unknown = sorted(set(reg) - set(REGISTRY_KEYS) - set(OPTIONAL_REGISTRY_KEYS))
     missing = [k for k in REGISTRY_KEYS if k not in reg]
     if unknown or missing:
         raise ConfigError(f"{where}: registry keys unknown {unknown} / missing {missing}")
     policy, needs, tables = reg["policy"], reg["needs"], reg["tables"]
-    if not isinstance(policy, str) or policy.count(":") != 1:
-        raise ConfigError(f"{where}: registry.policy = {policy!r}: expected 'module:function'")
+    validator = reg.get("validate")
+    for key, target in (("policy", policy), ("validate", validator)):
+        if (key == "policy" or target is not None) and (
+            not isinstance(target, str) or target.count(":") != 1
+        ):
+            raise ConfigError(f"{where}: registry.{key} = {target!r}: expected 'module:function'")
     if not isinstance(needs, list) or not set(needs) <= set(INPUTS):
         raise ConfigError(f"{where}: registry.needs = {needs!r}: expected a list of {', '.join(INPUTS)}")
     if not isinstance(tables, list) or not set(tables) <= set(TABLES):
@@ -148,6 +166,7 @@ def method(name: str) -> Method:
         tables=tuple(tables),
         reference=reg["reference"],
         constrained=bool(raw.get("constrained", False)),
+        validator=validator,
     )
 
 
