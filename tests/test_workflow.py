@@ -186,3 +186,36 @@ def test_a_given_configs_own_per_task_entry_must_name_a_task_it_runs(tmp_path):
     assert (
         "per_task" in result.stderr + result.stdout and "hopper-random-local" in result.stderr + result.stdout
     )
+
+
+def _finished_run(project):
+    """Every output of the default DAG created empty and touched in DAG order: a finished run as far as
+    Snakemake's rerun decision goes (it does not read the files)."""
+    for line in snakemake(project, "-n", "--forceall").stdout.splitlines():
+        if line.strip().startswith("output:"):
+            for name in line.split(":", 1)[1].split(","):
+                path = project / name.strip()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+    snakemake(project, "--touch", "--cores", "1")
+
+
+@pytest.mark.parametrize(
+    "missing, rebuilt",
+    [
+        ("results/checkpoints/taxi-stochastic/pc/seed0.jpc", "train_pc"),
+        ("results/checkpoints/frozenlake-eps0.5/dt/seed0.pt", "train_dt"),
+        ("data/tokens/taxi-stochastic.npz", "tokens"),
+        ("results/eval/taxi-stochastic/tt/seed0.steps.npz", "evaluate"),
+    ],
+)
+def test_a_deleted_intermediate_file_is_rebuilt_before_dvc_pins_the_folder(tmp_path, missing, rebuilt):
+    """The tables read only metrics and evaluation records; every checkpoint and dataset is a target too,
+    so `snakemake` (and `dvc repro`, which runs it) rebuilds a missing one instead of reporting nothing to
+    do and letting DVC record a folder with one file fewer."""
+    project = copy_project(tmp_path / "p")
+    _finished_run(project)
+    assert "Nothing to be done" in snakemake(project, "-n").stdout
+    (project / missing).unlink()
+    counts = job_counts(snakemake(project, "-n").stdout)
+    assert counts.get(rebuilt, 0) >= 1, counts

@@ -1,6 +1,7 @@
 # Helpers shared by all rules: config validation, Hydra composition per job, code fingerprints.
 import os
 import shlex
+from types import SimpleNamespace
 
 from snakemake.utils import validate
 
@@ -215,7 +216,36 @@ def final_targets():
         targets.append("results/tables/mujoco.csv")
     targets += [f"results/tables/ablation_{study}.csv" for study in config.get("ablations", {})]
     targets += optimality_targets()  # optimality.smk: the optimality table when the config asks for it
-    return targets
+    return targets + pinned_files()
+
+
+def pinned_files():
+    """Every dataset, checkpoint and evaluation file the configuration implies (DVC pins these folders).
+
+    The tables need only the metrics and evaluation files, so without these targets a deleted checkpoint
+    (or one removed by an interrupted rerun) left `snakemake -n` with nothing to do and `dvc repro`
+    pinning a folder with one file fewer. As targets, a missing one is rebuilt: the set DVC records is
+    complete by construction (tests/test_workflow.py)."""
+    files = []
+    for task in config["tasks"]:
+        files += [f"data/raw/{task}.hdf5", f"data/labeled/{task}.npz", f"data/tokens/{task}.npz"]
+        for seed in task_settings(task)["seeds"]:
+            for model in trained_models(task):
+                model_file = INPUT_FILES[model].format(task=task, seed=seed)
+                files += [model_file, model_file.rsplit(".", 1)[0] + ".metrics.json"]
+    evaluations = evaluation_files_of(config["tasks"])
+    for study in ABLATIONS:
+        evaluations += ablation_files(SimpleNamespace(study=study))
+    files += [path for e in evaluations for path in (e, e[: -len(".json")] + ".steps.npz")]
+    scored_tasks = sorted({path.split("/")[2] for path in optimality_files()})
+    files += [
+        f"results/checkpoints/{task}/aux/{kind}/seed{seed}.{ext}"
+        for task in scored_tasks
+        for kind in ("state", "action")
+        for seed in task_settings(task)["seeds"]
+        for ext in ("pt", "metrics.json")
+    ]
+    return sorted(set(files))
 
 
 def evaluation_inputs(wildcards):
