@@ -301,10 +301,41 @@ def test_evaluate_refuses_a_gpt_config_the_checkpoint_was_not_trained_with(taxi,
 
 
 def test_evaluate_refuses_tokens_the_gpt_was_not_trained_on(taxi, tmp_path):
-    """Tokens of another dataset seed: same shapes and vocabulary, other data."""
+    """Tokens of another dataset seed: same shapes and vocabulary, other data. The GPT's `.run.json`
+    names the token file it was trained on, so the job stops before loading anything."""
     result = _evaluate(taxi, tmp_path, f"paths.tokens={taxi['tokens1']}")
-    _assert_one_line_error(result, str(taxi["gpt"]), str(taxi["tokens1"]), "other data")
+    _assert_one_line_error(
+        result, str(taxi["gpt"]), str(taxi["tokens0"]), str(taxi["tokens1"]), "is another file"
+    )
     assert _files(tmp_path) == set()
+
+
+def test_a_gpt_copied_without_its_run_json_is_still_checked_against_its_tokens(taxi, tmp_path):
+    """The checkpoint itself stores the sha256 of its training data (gpt_checkpoint.load_checked_gpt)."""
+    import shutil
+
+    bare = tmp_path / "bare" / "gpt.pt"
+    bare.parent.mkdir()
+    shutil.copy(taxi["gpt"], bare)
+    result = _evaluate(taxi, tmp_path, f"paths.tokens={taxi['tokens1']}", f"paths.gpt={bare}")
+    _assert_one_line_error(result, str(bare), str(taxi["tokens1"]), "other data")
+    assert _files(tmp_path) == {"bare/gpt.pt"}
+
+
+def test_run_json_records_the_sha256_of_every_input(taxi, tmp_path):
+    """The evaluation record names the checkpoint and token file it used, by hash."""
+    import hashlib
+    import json
+
+    result = _evaluate(taxi, tmp_path, f"paths.tokens={taxi['tokens0']}")
+    assert result.returncode == 0, result.stderr
+    inputs = json.loads((tmp_path / "out" / "seed0.json.run.json").read_text())["inputs"]
+    assert set(inputs) == {"tokens", "gpt"}
+    for name in ("tokens", "gpt"):
+        path = taxi["tokens0"] if name == "tokens" else taxi["gpt"]
+        assert inputs[name] == {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    gpt_inputs = json.loads((taxi["gpt"].parent / "gpt.pt.run.json").read_text())["inputs"]
+    assert gpt_inputs["tokens"]["path"] == str(taxi["tokens0"])
 
 
 @pytest.mark.parametrize(

@@ -43,16 +43,17 @@ def run_stage(stage: str, overrides: Sequence[str]) -> None:
     beside its output."""
     import torch
 
-    from trifle.config import compose, stage_outputs
-    from trifle.runinfo import prepare_outputs, write_run_info
+    from trifle.config import compose, stage_inputs, stage_outputs
+    from trifle.runinfo import check_inputs, prepare_outputs, write_run_info
 
     cfg = compose(overrides)
     prepare_outputs(stage_outputs(cfg, stage))
+    inputs = check_inputs(stage_inputs(cfg, stage))
     torch.set_num_threads(cfg["threads"])
     module = importlib.import_module(f"trifle.stages.{stage}")
     started = time.perf_counter()
     output = module.run(cfg)
-    info = write_run_info(output, stage=stage, cfg=cfg, seconds=time.perf_counter() - started)
+    info = write_run_info(output, stage=stage, cfg=cfg, seconds=time.perf_counter() - started, inputs=inputs)
     print(f"trifle {stage}: wrote {output} ({info.name})")
 
 

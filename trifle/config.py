@@ -87,6 +87,21 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The `paths.*` files each stage reads whose provenance it checks (trifle.runinfo.check_inputs): each
+# input's `.run.json` names the files that input was made from, and where this job reads one of them
+# too, it must be the same file. `evaluate` reads what its method's registry entry needs.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "labels": ("raw",),
+    "tokens": ("labeled",),
+    "train_gpt": ("tokens",),
+    "train_pc": ("tokens",),
+    "train_dt": ("labeled",),
+    "train_critic": ("labeled",),
+    "train_aux": ("tokens", "labeled"),
+    "optimality": ("eval", "eval_steps", "aux_state", "aux_action"),
+}
+
+
 def available(group: str) -> list[str]:
     """Names of the configs of a Hydra group (files starting with `_` are shared bases, not choices)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
@@ -544,6 +559,18 @@ def stage_outputs(cfg: dict[str, Any], stage: str) -> dict[str, Path]:
     """The paths a stage writes, keyed ``paths.<name>``; a null one (``eval_steps``: beside the record) is
     left out, since its default lies beside another output."""
     return {f"paths.{key}": Path(cfg["paths"][key]) for key in STAGE_OUTPUTS[stage] if cfg["paths"].get(key)}
+
+
+def stage_inputs(cfg: dict[str, Any], stage: str) -> dict[str, Path]:
+    """The input files a stage reads (:data:`STAGE_INPUTS`; for ``evaluate``, the method's registry
+    ``needs``), keyed by their ``paths.*`` name; a null path is left out."""
+    if stage == "evaluate":
+        from trifle.planning.methods import method
+
+        names: tuple[str, ...] = method(cfg["planner"]["name"]).needs
+    else:
+        names = STAGE_INPUTS.get(stage, ())
+    return {key: Path(cfg["paths"][key]) for key in names if cfg["paths"].get(key)}
 
 
 def _related(key: str, stage_key: str) -> bool:

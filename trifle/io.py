@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -58,3 +59,12 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(Path(path).read_text())
     except (ValueError, OSError) as err:
         raise DataError(f"{path}: not a readable JSON file ({err})") from err
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB files do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -12,7 +12,6 @@ Only the standard library and tqdm are used, so the download works in the smalle
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -28,13 +27,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from trifle.errors import ConfigError, DataError
+from trifle.io import sha256_of
 
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 
 # Seconds before the first retry; doubled per failure up to _RETRY_DELAY_MAX_S (tests set it to 0).
 _RETRY_DELAY_S = 1.0
 _RETRY_DELAY_MAX_S = 30.0
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -122,15 +121,6 @@ def d4rl_file(name: str) -> D4RLFile:
 def d4rl_url(name: str, base_url: str = D4RL_BASE_URL) -> str:
     """The download URL of dataset ``name`` under ``base_url`` (a mirror keeps D4RL's file names)."""
     return f"{base_url.rstrip('/')}/{d4rl_file(name).filename}"
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB files do not need to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _mismatch(path: Path, size: int | None, sha256: str | None) -> str | None:
