@@ -71,6 +71,9 @@ def _train_args(tokens: Path, out: Path) -> list[str]:
 def _start_and_signal(tokens: Path, out: Path, signum: int) -> subprocess.CompletedProcess[str]:
     """Start a training, wait for its first partial checkpoint, send ``signum``, wait for the end."""
     out.mkdir()
+    # A shell without job control starts background jobs (CI's, nohup's) with SIGINT ignored, and a
+    # child inherits that: Python then installs no Ctrl-C handler. Ctrl-C reaches a foreground job with
+    # the default disposition, which is what this test is about, so the child gets it back.
     proc = subprocess.Popen(
         [sys.executable, "-m", "trifle", *_train_args(tokens, out)],
         cwd=out,
@@ -78,6 +81,7 @@ def _start_and_signal(tokens: Path, out: Path, signum: int) -> subprocess.Comple
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     partial = out / "gpt.pt.partial.pt"
     deadline = time.monotonic() + 300
