@@ -1,4 +1,4 @@
-"""The repository's paper citations stay inside the repository.
+"""The repository's paper citations stay inside the repository, and its cross-references resolve.
 
 Code, configs and docs cite the paper through `docs/paper.md#<anchor>`. These tests fail when a text file
 points at notes outside the repository, or when a reference names an anchor docs/paper.md does not have
@@ -166,3 +166,37 @@ def test_the_checks_catch_bad_references():
     assert bad_paper_refs(text, defined) == ["paper.md#missing"]
     assert bad_paper_links(REPO / "README.md", "[a](docs/paper.md#x) [b](paper.md#x)") == ["paper.md"]
     assert not bad_paper_links(REPO / "docs" / "gpt.md", "[a](paper.md#x) [b](https://example.org/paper.md)")
+
+
+# `docs/evaluation.md#x`, `mujoco.md#x`, `README.md#x`: a reference to an anchor of one of the project's
+# own documents, from any text file (code comments and configs cite the docs this way too).
+DOC_REF = re.compile(r"(?<![\w/-])(?:docs/)?([\w-]+\.md)#([\w-]+)")
+
+
+def bad_doc_refs(text: str, known: dict[str, set[str]]) -> list[str]:
+    """References `<doc>.md#x` in `text` to a document of ``known`` that has no anchor x."""
+    return [
+        f"{name}#{anchor}"
+        for name, anchor in DOC_REF.findall(text)
+        if name in known and anchor not in known[name]
+    ]
+
+
+def test_every_reference_to_a_project_document_anchor_resolves():
+    documents = {p.name: p for p in (REPO / "docs").glob("*.md")} | {"README.md": REPO / "README.md"}
+    known = {name: anchors(read(path)) for name, path in documents.items()}
+    offenders, checked = [], 0
+    for path in text_files():
+        if path == Path(__file__).resolve():
+            continue
+        text = read(path)
+        checked += sum(name in known for name, _ in DOC_REF.findall(text))
+        offenders += [f"{path.relative_to(REPO)}: {ref}" for ref in bad_doc_refs(text, known)]
+    assert checked > 50, f"only {checked} document references found: the pattern no longer matches"
+    assert not offenders, "references to anchors that do not exist:\n" + "\n".join(sorted(set(offenders)))
+
+
+def test_the_document_check_catches_a_missing_anchor():
+    known = {"evaluation.md": {"q-taxi"}}
+    text = "see docs/evaluation.md#q-taxi, evaluation.md#nope and other.md#x"
+    assert bad_doc_refs(text, known) == ["evaluation.md#nope"]
