@@ -226,13 +226,14 @@ def pinned_files():
     (or one removed by an interrupted rerun) left `snakemake -n` with nothing to do and `dvc repro`
     pinning a folder with one file fewer. As targets, a missing one is rebuilt: the set DVC records is
     complete by construction (tests/test_workflow.py)."""
-    files = []
+    files = model_metrics(None)
     for task in config["tasks"]:
         files += [f"data/raw/{task}.hdf5", f"data/labeled/{task}.npz", f"data/tokens/{task}.npz"]
-        for seed in task_settings(task)["seeds"]:
-            for model in trained_models(task):
-                model_file = INPUT_FILES[model].format(task=task, seed=seed)
-                files += [model_file, model_file.rsplit(".", 1)[0] + ".metrics.json"]
+        files += [
+            INPUT_FILES[model].format(task=task, seed=seed)
+            for seed in task_settings(task)["seeds"]
+            for model in trained_models(task)
+        ]
     evaluations = evaluation_files_of(config["tasks"])
     for study in ABLATIONS:
         evaluations += ablation_files(SimpleNamespace(study=study))
