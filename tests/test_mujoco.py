@@ -1,6 +1,7 @@
 """Gym-MuJoCo tasks: D4RL scores, the vector env's conventions and the D4RL-layout dataset generator."""
 
 import sys
+from pathlib import Path
 
 import mujoco
 import numpy as np
@@ -376,6 +377,80 @@ def test_sac_training_deterministic(sac_run, tmp_path):
         np.testing.assert_array_equal(actor_params(again)[key], value)
 
 
+def test_sac_training_in_checkpoint_pieces_equals_one_call(sac_run, tmp_path):
+    """Training is cut at every checkpoint (to evaluate there); the cuts must not change a single update."""
+    from trifle.data.behaviour import train_sac
+
+    model = sac_run[0]
+    pieces = train_sac(
+        "hopper", steps=SAC_STEPS, seed=0, work_dir=tmp_path, checkpoint_every=30, progress=False
+    )
+    for key, value in actor_params(model).items():
+        np.testing.assert_array_equal(actor_params(pieces)[key], value)
+
+
+def test_sac_target_return_never_reached_trains_the_budget_undisturbed(sac_run, tmp_path):
+    """Evaluating at each checkpoint uses its own simulator and generator: the agent is the same as without."""
+    from trifle.data.behaviour import EVALS_FILE, train_sac, training_result
+
+    with pytest.warns(UserWarning, match="sac_target_return=1000000000.0 within sac_steps=200"):
+        model = train_sac(
+            "hopper", steps=SAC_STEPS, seed=0, work_dir=tmp_path, checkpoint_every=100,
+            target_return=1e9, eval_episodes=2, progress=False,
+        )  # fmt: skip
+    for key, value in actor_params(sac_run[0]).items():
+        np.testing.assert_array_equal(actor_params(model)[key], value)
+    rows = (tmp_path / EVALS_FILE).read_text().splitlines()
+    assert rows[0] == "step,mean_return,std_return,normalized_score,episodes"
+    assert [row.split(",")[0] for row in rows[1:]] == ["100", "200"]
+    assert training_result(tmp_path) == {
+        "steps": 200, "target_return": 1e9, "reached": False, "eval_return": float(rows[2].split(",")[1]),
+    }  # fmt: skip
+
+
+def test_sac_target_return_stops_at_the_first_checkpoint_that_reaches_it(tmp_path):
+    """A target every policy meets stops training at the first evaluation, and the dataset records it."""
+    pytest.importorskip("stable_baselines3")
+    from trifle.data.behaviour import train_sac, training_result
+
+    run = {"env": "hopper", "steps": 300, "seed": 0, "work_dir": tmp_path, "progress": False}
+    model = train_sac(**run, checkpoint_every=100, target_return=-1e9, eval_episodes=2)
+    assert model.num_timesteps == 100 and model.replay_buffer.size() == 100
+    result = training_result(tmp_path)
+    assert result["steps"] == 100 and result["reached"] is True
+    assert {p.name for p in tmp_path.iterdir()} >= {"sac_final.zip", "sac_final_replay.pkl", "sac_evals.csv"}
+    assert not any(p.name.startswith("sac_model_") for p in tmp_path.iterdir())
+    arrays, attrs = generate_mujoco_dataset(
+        env="hopper", num_steps=50, seed=0, policy="sac", sac_steps=300, sac_target_return=-1e9,
+        sac_eval_every=100, sac_eval_episodes=2, work_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    assert attrs["sac_steps"] == 300 and attrs["sac_steps_trained"] == 100
+    assert attrs["sac_target_reached"] is True and attrs["sac_eval_return"] == result["eval_return"]
+    with pytest.raises(
+        CheckpointError, match="made with .*target_return=-1000000000.0.*, not with .*target_return=None"
+    ):
+        train_sac(**run, checkpoint_every=100)
+
+
+def test_sac_resumed_past_its_budget_keeps_every_transition(sac_run, tmp_path):
+    """An agent's final state taken as a checkpoint of a longer training: its buffer grows, nothing is
+    overwritten, and the longer training's replay starts with the shorter one's."""
+    import shutil
+
+    from trifle.data import behaviour
+
+    _, short_dir, _, _ = sac_run
+    run = {"env": "hopper", "steps": 2 * SAC_STEPS, "seed": 0, "work_dir": tmp_path, "progress": False}
+    behaviour._claim_work_dir(tmp_path, {"algo": "sac", **{k: run[k] for k in ("env", "seed", "steps")}})
+    shutil.copy(short_dir / "sac_final.zip", tmp_path / f"sac_model_{SAC_STEPS}.zip")
+    shutil.copy(short_dir / "sac_final_replay.pkl", tmp_path / f"sac_replay_{SAC_STEPS}.pkl")
+    model = behaviour.train_sac(**run)
+    assert model.num_timesteps == 2 * SAC_STEPS and model.replay_buffer.size() == 2 * SAC_STEPS
+    longer, shorter = behaviour.final_replay(tmp_path), behaviour.final_replay(short_dir)
+    for key, value in shorter.items():
+        np.testing.assert_array_equal(longer[key][:SAC_STEPS], value)
+
+
 def test_sac_dataset_layout_and_round_trip(sac_run, tmp_path):
     _, _, (arrays, attrs), _ = sac_run
     assert attrs["policy"] == "sac" and attrs["sac_steps"] == SAC_STEPS and attrs["num_steps"] == 300
@@ -481,7 +556,13 @@ def test_squashed_gaussian_log_prob_is_exact_and_finite():
 
 @pytest.mark.parametrize(
     ("options", "name"),
-    [({"sac_steps": 0, "work_dir": "x"}, "sac_steps"), ({}, "work directory")],
+    [
+        ({"sac_steps": 0, "work_dir": "x"}, "sac_steps"),
+        ({}, "work directory"),
+        ({"sac_target_return": "high", "work_dir": "x"}, "sac_target_return"),
+        ({"sac_eval_every": 0, "work_dir": "x"}, "sac_eval_every"),
+        ({"sac_eval_episodes": 1.5, "work_dir": "x"}, "sac_eval_episodes"),
+    ],
 )
 def test_sac_dataset_rejects_bad_options(options, name):
     with pytest.raises(ConfigError, match=name):
@@ -495,3 +576,20 @@ def test_sac_dataset_without_stable_baselines3_says_what_to_install(tmp_path, mo
         generate_mujoco_dataset(
             env="hopper", num_steps=10, policy="sac", sac_steps=10, work_dir=tmp_path, progress=False
         )
+
+
+def test_medium_and_medium_replay_tasks_share_one_agent():
+    """The replay task is the medium task's agent's buffer: both must name the same training directory,
+    and a different stopping rule must name another (it trains another agent)."""
+    from trifle.config import compose
+    from trifle.stages.data import behaviour_dir
+
+    def agent_dir(*overrides):
+        cfg = compose(list(overrides))
+        params = dict(cfg["task"]["dataset"], env=cfg["task"]["env"])
+        return behaviour_dir(Path(cfg["paths"]["raw"]), params)
+
+    medium = agent_dir("task=hopper-medium-local")
+    assert agent_dir("task=hopper-medium-replay-local") == medium
+    assert medium.name == "hopper-sac400000-target1500-seed0"
+    assert agent_dir("task=hopper-medium-local", "task.dataset.sac_target_return=1600") != medium

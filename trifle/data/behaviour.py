@@ -12,10 +12,13 @@ the same arguments continues from.
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,7 +29,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm import tqdm
 
-from trifle.envs.mujoco import check_env_name, make_mujoco_env
+from trifle.envs.mujoco import check_env_name, make_mujoco_env, normalized_score
 from trifle.errors import CheckpointError, ConfigError
 
 TRAIN_EPISODE_STEPS = 1000  # D4RL's step limit; the behaviour policy is trained on full-length episodes.
@@ -36,6 +39,10 @@ FINAL_FILE = "sac_final.zip"
 # The whole replay buffer at the end of training: every transition the agent saw while learning, the
 # raw material of a D4RL "medium-replay"-style dataset (trifle.data.mujoco_datasets, policy sac-replay).
 FINAL_REPLAY_FILE = "sac_final_replay.pkl"
+# A target-return training's evaluations (one row per checkpoint) and where it stopped.
+EVALS_FILE = "sac_evals.csv"
+EVAL_FIELDS = ("step", "mean_return", "std_return", "normalized_score", "episodes")
+RESULT_FILE = "sac_result.json"
 LOCK_FILE = ".lock"
 CHECKPOINT_RE = re.compile(r"sac_(model|replay)_(\d+)\.(zip|pkl)")
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -64,42 +71,154 @@ def train_sac(
     seed: int,
     work_dir: Path | str,
     checkpoint_every: int = 10_000,
+    target_return: float | None = None,
+    eval_episodes: int = 10,
     progress: bool = True,
 ) -> SAC:
-    """Train SB3's SAC (default ``MlpPolicy``) on ``env`` for ``steps`` env steps, resuming from ``work_dir``.
+    """Train SB3's SAC (default ``MlpPolicy``) on ``env`` for up to ``steps`` env steps, resuming from ``work_dir``.
 
     Every ``checkpoint_every`` steps the model and its replay buffer are saved atomically into ``work_dir``;
-    a later call with the same ``env``/``seed``/``steps`` continues from the latest checkpoint, and once
-    training has finished (``sac_final.zip``) a call only loads the result. The arguments are recorded in
+    a later call with the same arguments continues from the latest checkpoint, and once training has
+    finished (``sac_final.zip``) a call only loads the result. The arguments are recorded in
     ``sac_args.json``; a directory made with other arguments raises :class:`CheckpointError` instead of
     being reused silently.
 
+    ``target_return`` stops training early, D4RL's recipe for a "medium" policy: at every checkpoint the
+    stochastic policy plays ``eval_episodes`` episodes (its own simulator and generator, so training is
+    not perturbed) and the first checkpoint whose mean return reaches the target becomes the final agent.
+    A fixed step count is a poor recipe for "medium" because RL's progress is not smooth: the same seed's
+    agent returned 820 at 200k steps and 3360 at 280k (docs/mujoco.md#medium-quality-data). Every
+    evaluation is kept in ``sac_evals.csv`` (the agent's learning curve) and the stop in
+    ``sac_result.json``.
+
     Reproducibility: an uninterrupted training is deterministic for a seed on one machine (one torch
-    thread, CPU). An interrupted-then-resumed training is *not* bit-identical to an uninterrupted one:
-    SB3 does not save the RNG states or the simulator state, so the resumed run starts a fresh episode and
-    reseeds its generators from ``(seed, checkpoint step)`` (which keeps a resumed run repeatable). Like
-    SB3 itself, training reseeds the global ``random``, ``numpy`` and ``torch`` generators.
+    thread, CPU); training in checkpoint-sized pieces gives the same updates as one call. An
+    interrupted-then-resumed training is *not* bit-identical to an uninterrupted one: SB3 does not save
+    the RNG states or the simulator state, so the resumed run starts a fresh episode and reseeds its
+    generators from ``(seed, checkpoint step)`` (which keeps a resumed run repeatable). Like SB3 itself,
+    training reseeds the global ``random``, ``numpy`` and ``torch`` generators.
     """
     check_env_name(env)
     if steps < 1:
         raise ConfigError(f"SAC training steps must be >= 1, got {steps}")
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if eval_episodes < 1:
+        raise ConfigError(f"sac_eval_episodes must be >= 1, got {eval_episodes}")
     work_dir = Path(work_dir)
-    _claim_work_dir(work_dir, {"algo": "sac", "env": env, "seed": seed, "steps": steps})
+    args: dict[str, Any] = {"algo": "sac", "env": env, "seed": seed, "steps": steps}
+    if target_return is not None:
+        # What decides where training stops is part of the agent's identity.
+        args.update(
+            target_return=float(target_return), eval_episodes=eval_episodes, eval_every=checkpoint_every
+        )
+    _claim_work_dir(work_dir, args)
     # Datasets drawn from one agent (its rollouts, its replay buffer) may be generated by concurrent jobs:
     # the first trains, the others wait for it and load the result.
     with _exclusive(work_dir / LOCK_FILE), torch_threads(1):
         if (work_dir / FINAL_FILE).exists():
             return SAC.load(work_dir / FINAL_FILE, device="cpu")
         model = _resume_or_create(env, steps, seed, work_dir)
-        callbacks = [_Checkpointer(work_dir, checkpoint_every), _ProgressBar(f"{env} SAC", steps, progress)]
-        model.learn(steps - model.num_timesteps, callback=callbacks, reset_num_timesteps=False)
+        evals = _read_evals(work_dir, up_to=model.num_timesteps)
+        reached = None
+        with tqdm(
+            total=steps, initial=model.num_timesteps, desc=f"{env} SAC training (steps)", disable=not progress
+        ) as bar:
+            while model.num_timesteps < steps:
+                stop = min(steps, (model.num_timesteps // checkpoint_every + 1) * checkpoint_every)
+                model.learn(stop - model.num_timesteps, callback=_BarUpdate(bar), reset_num_timesteps=False)
+                step = model.num_timesteps
+                if target_return is not None:
+                    evals.append(_evaluate(model, env, seed, step, eval_episodes))
+                    _write_evals(work_dir, evals)
+                    bar.set_postfix(eval_return=f"{evals[-1]['mean_return']:.0f}")
+                    if evals[-1]["mean_return"] >= target_return:
+                        reached = step
+                        break
+                if step < steps:
+                    _save_checkpoint(model, work_dir, step)
+        if target_return is not None:
+            last = evals[-1] if evals else None
+            result = {
+                "steps": model.num_timesteps,
+                "target_return": float(target_return),
+                "reached": reached is not None,
+            }
+            result["eval_return"] = None if last is None else last["mean_return"]
+            _atomic_write(work_dir / RESULT_FILE, lambda f: f.write(json.dumps(result, indent=2).encode()))
+            if reached is None:
+                warnings.warn(
+                    f"{work_dir}: SAC's stochastic policy did not reach task.dataset.sac_target_return="
+                    f"{target_return} within sac_steps={steps} (last evaluation: {result['eval_return']}); "
+                    "the final agent is used",
+                    stacklevel=2,
+                )
         # The replay buffer first: the model file marks a finished training.
         _atomic_write(work_dir / FINAL_REPLAY_FILE, model.save_replay_buffer)
         _atomic_write(work_dir / FINAL_FILE, model.save)
         _remove_checkpoints(work_dir, keep=None)
     return model
+
+
+def training_result(work_dir: Path | str) -> dict[str, Any] | None:
+    """Where a target-return training stopped (``sac_result.json``), or ``None`` for a fixed budget."""
+    path = Path(work_dir) / RESULT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _evaluate(model: SAC, env: str, seed: int, step: int, episodes: int) -> dict[str, float]:
+    """Mean return of the stochastic policy over ``episodes`` full episodes, in a simulator of its own.
+
+    The noise comes from a generator seeded by ``(seed, step)`` and the simulator is not the training one,
+    so evaluating leaves the training's random streams and episode untouched.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence((seed, step, 1)))
+    sim = make_mujoco_env(env, max_episode_steps=TRAIN_EPISODE_STEPS)
+    try:
+        act = SACBehaviour(model, sim.action_space.low, sim.action_space.high)
+        returns = []
+        for _ in range(episodes):
+            obs, _ = sim.reset(seed=int(rng.integers(2**31)))
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = sim.step(act(obs, rng)[0])
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        sim.close()
+    values = np.asarray(returns)
+    return {
+        "step": step,
+        "mean_return": float(values.mean()),
+        "std_return": float(values.std()),
+        "normalized_score": float(normalized_score(env, values).mean()),
+        "episodes": episodes,
+    }
+
+
+def _read_evals(work_dir: Path, up_to: int) -> list[dict[str, float]]:
+    """The evaluations recorded so far, up to the checkpoint being resumed (later ones were lost with it)."""
+    path = work_dir / EVALS_FILE
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [
+            {k: (int(v) if k in ("step", "episodes") else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+    return [row for row in rows if row["step"] <= up_to]
+
+
+def _write_evals(work_dir: Path, evals: list[dict[str, float]]) -> None:
+    def write(f: BinaryIO) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(EVAL_FIELDS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(evals)
+        f.write(text.getvalue().encode())
+
+    _atomic_write(work_dir / EVALS_FILE, write)
 
 
 @contextlib.contextmanager
@@ -156,13 +275,16 @@ def _claim_work_dir(work_dir: Path, args: dict[str, Any]) -> None:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable SAC arguments ({err}); remove {work_dir}") from err
-    for key, value in args.items():
-        if not isinstance(stored, dict) or stored.get(key) != value:
-            found = stored.get(key) if isinstance(stored, dict) else stored
-            raise CheckpointError(
-                f"{work_dir}: SAC checkpoint was made with {key}={found!r}, not {key}={value!r}; "
-                "use another work directory or remove this one"
-            )
+    if not isinstance(stored, dict):
+        stored = {}
+    keys = [key for key in [*args, *(k for k in stored if k not in args)] if stored.get(key) != args.get(key)]
+    if keys:  # a key missing on one side differs too
+        made = ", ".join(f"{key}={stored.get(key)!r}" for key in keys)
+        asked = ", ".join(f"{key}={args.get(key)!r}" for key in keys)
+        raise CheckpointError(
+            f"{work_dir}: SAC checkpoint was made with {made}, not with {asked}; "
+            "use another work directory or remove this one"
+        )
 
 
 def _resume_or_create(env: str, steps: int, seed: int, work_dir: Path) -> SAC:
@@ -183,8 +305,32 @@ def _resume_or_create(env: str, steps: int, seed: int, work_dir: Path) -> SAC:
         )
     model = SAC.load(work_dir / f"sac_model_{latest}.zip", env=train_env, device="cpu")
     model.load_replay_buffer(work_dir / f"sac_replay_{latest}.pkl")
+    _grow_replay_buffer(model, max(1, min(steps, 1_000_000)))
     model.set_random_seed(_resume_seed(seed, latest))
     return model
+
+
+def _grow_replay_buffer(model: SAC, size: int) -> None:
+    """Give a resumed agent a buffer of ``size`` if its checkpoint's is smaller (a training continued past
+    the budget it was started with), keeping every transition in order, so nothing is ever overwritten."""
+    buffer = model.replay_buffer
+    if buffer.buffer_size >= size:
+        return
+    held = buffer.buffer_size if buffer.full else buffer.pos
+    order = (buffer.pos + np.arange(held)) % buffer.buffer_size if buffer.full else np.arange(held)
+    grown = type(buffer)(
+        size,
+        buffer.observation_space,
+        buffer.action_space,
+        device="cpu",
+        n_envs=buffer.n_envs,
+        optimize_memory_usage=buffer.optimize_memory_usage,
+        handle_timeout_termination=buffer.handle_timeout_termination,
+    )
+    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+        getattr(grown, name)[:held] = getattr(buffer, name)[order]
+    grown.pos, grown.full = held, False
+    model.replay_buffer = grown
 
 
 def _resume_seed(seed: int, step: int) -> int:
@@ -228,47 +374,16 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     os.replace(tmp, path)
 
 
-class _Checkpointer(BaseCallback):
-    """Checkpoint at the start of a rollout, when every update for the steps taken so far is done."""
+class _BarUpdate(BaseCallback):
+    """Advance a tqdm bar over env steps (SB3's own ``progress_bar`` needs ``rich``)."""
 
-    def __init__(self, work_dir: Path, every: int) -> None:
+    def __init__(self, bar: tqdm) -> None:
         super().__init__()
-        self.work_dir = work_dir
-        self.every = every
-        self.start = 0
-
-    def _on_training_start(self) -> None:
-        self.start = self.model.num_timesteps
-
-    def _on_rollout_start(self) -> None:
-        step = self.model.num_timesteps
-        if step > self.start and step % self.every == 0:
-            _save_checkpoint(self.model, self.work_dir, step)
-
-    def _on_step(self) -> bool:
-        return True
-
-
-class _ProgressBar(BaseCallback):
-    """A plain tqdm bar over env steps (SB3's own ``progress_bar`` needs ``rich``)."""
-
-    def __init__(self, desc: str, total: int, enabled: bool) -> None:
-        super().__init__()
-        self.desc, self.total, self.enabled = desc, total, enabled
-        self.bar: tqdm | None = None
-
-    def _on_training_start(self) -> None:
-        n = self.model.num_timesteps
-        self.bar = tqdm(
-            total=self.total, initial=n, desc=f"{self.desc} training (steps)", disable=not self.enabled
-        )
+        self.bar = bar
 
     def _on_step(self) -> bool:
         self.bar.update(self.model.num_timesteps - self.bar.n)
         return True
-
-    def _on_training_end(self) -> None:
-        self.bar.close()
 
 
 def squashed_gaussian_log_prob(u: np.ndarray, mean: np.ndarray, log_std: np.ndarray) -> float:

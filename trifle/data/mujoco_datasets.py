@@ -38,7 +38,13 @@ SAC_POLICIES = ("sac", "sac-replay")
 
 
 def _check_options(
-    env: str, num_steps: int, policy: str, max_episode_steps: int, sac_steps: int, work_dir: str | Path | None
+    env: str,
+    num_steps: int,
+    policy: str,
+    max_episode_steps: int,
+    sac_steps: int,
+    work_dir: str | Path | None,
+    sac: dict[str, Any],
 ) -> None:
     """Reject bad generator options with a message naming the option."""
     check_env_name(env)
@@ -50,6 +56,11 @@ def _check_options(
         raise ConfigError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
     if policy in SAC_POLICIES and sac_steps < 1:
         raise ConfigError(f"sac_steps must be >= 1, got {sac_steps}")
+    if sac["target_return"] is not None and not isinstance(sac["target_return"], int | float):
+        raise ConfigError(f"sac_target_return must be a number or null, got {sac['target_return']!r}")
+    for key in ("eval_every", "eval_episodes"):
+        if not isinstance(sac[key], int) or sac[key] < 1:
+            raise ConfigError(f"sac_{key} must be an integer >= 1, got {sac[key]!r}")
     if policy in SAC_POLICIES and work_dir is None:
         raise ConfigError(
             f"policy {policy!r} needs a work directory (work_dir) for the SAC training checkpoints, got none"
@@ -78,6 +89,9 @@ def generate_mujoco_dataset(
     max_episode_steps: int = 1000,
     progress: bool = True,
     sac_steps: int = 100_000,
+    sac_target_return: float | None = None,
+    sac_eval_every: int = 10_000,
+    sac_eval_episodes: int = 10,
     work_dir: str | Path | None = None,
 ) -> tuple[Arrays, dict[str, Any]]:
     """Roll out ``policy`` in one env for exactly ``num_steps`` steps, resetting on termination or timeout.
@@ -85,16 +99,25 @@ def generate_mujoco_dataset(
     For ``policy="sac"`` a SAC agent is first trained for ``sac_steps`` env steps with seed ``seed``, or
     loaded, into ``work_dir`` (resumable; see :func:`trifle.data.behaviour.train_sac`), and its stochastic
     policy is rolled out; ``infos/action_log_probs`` then holds the exact log-density of each stored action.
+    With ``sac_target_return`` the training stops at the first evaluation (every ``sac_eval_every`` steps,
+    ``sac_eval_episodes`` episodes) whose mean return reaches it, ``sac_steps`` being then the budget: D4RL's
+    recipe for a "medium" agent.
     """
-    _check_options(env, num_steps, policy, max_episode_steps, sac_steps, work_dir)
+    sac = {
+        "target_return": sac_target_return,
+        "eval_every": sac_eval_every,
+        "eval_episodes": sac_eval_episodes,
+    }
+    _check_options(env, num_steps, policy, max_episode_steps, sac_steps, work_dir, sac)
+    train = {"steps": sac_steps, "seed": seed, "progress": progress, **_train_options(sac)}
     if policy == "sac-replay":
-        return _sac_replay(env, seed, sac_steps, Path(work_dir), num_steps, max_episode_steps, progress)
+        return _sac_replay(env, train, Path(work_dir), num_steps, max_episode_steps)
     rng = np.random.default_rng(seed)
     sim = make_raw_env(env)
     try:
         if policy == "sac":
             steps, returns = _sac_rollout(
-                sim, env, seed, sac_steps, Path(work_dir), rng, num_steps, max_episode_steps, progress
+                sim, env, train, Path(work_dir), rng, num_steps, max_episode_steps, progress
             )
         else:
             act = UniformPolicy(sim.action_space.low, sim.action_space.high)
@@ -109,7 +132,7 @@ def generate_mujoco_dataset(
         arrays["timeouts"][-1] = True
     attrs = _attrs(env, policy, seed, num_steps, max_episode_steps, np.asarray(returns))
     if policy == "sac":
-        attrs["sac_steps"] = sac_steps
+        attrs.update(_agent_attrs(sac_steps, sac_target_return, Path(work_dir)))
         # The trained policy's mean return over the dataset's complete episodes (so equal to mean_return),
         # named for what it measures: how good the "medium" behaviour policy is.
         attrs["behaviour_return"] = attrs["mean_return"]
@@ -130,11 +153,36 @@ def _behaviour_module() -> Any:
     return behaviour
 
 
+def _train_options(sac: dict[str, Any]) -> dict[str, Any]:
+    """train_sac's keyword arguments for the stopping rule (none for a fixed budget, as before it existed)."""
+    if sac["target_return"] is None:
+        return {}
+    return {
+        "target_return": float(sac["target_return"]),
+        "checkpoint_every": sac["eval_every"],
+        "eval_episodes": sac["eval_episodes"],
+    }
+
+
+def _agent_attrs(sac_steps: int, target_return: float | None, work_dir: Path) -> dict[str, Any]:
+    """What the dataset records about its agent: the budget, and for a target-return training where it
+    stopped and what its own evaluation measured there."""
+    attrs: dict[str, Any] = {"sac_steps": sac_steps}
+    if target_return is not None:
+        result = _behaviour_module().training_result(work_dir)
+        attrs.update(
+            sac_target_return=float(target_return),
+            sac_steps_trained=int(result["steps"]),
+            sac_target_reached=bool(result["reached"]),
+            sac_eval_return=result["eval_return"],
+        )
+    return attrs
+
+
 def _sac_rollout(
     sim: Any,
     env: str,
-    seed: int,
-    sac_steps: int,
+    train: dict[str, Any],
     work_dir: Path,
     rng: np.random.Generator,
     num_steps: int,
@@ -143,24 +191,18 @@ def _sac_rollout(
 ) -> tuple[dict[str, list], list[float]]:
     """Train or load the SAC behaviour policy, then roll it out on one torch thread."""
     behaviour = _behaviour_module()
-    model = behaviour.train_sac(env, steps=sac_steps, seed=seed, work_dir=work_dir, progress=progress)
+    model = behaviour.train_sac(env, work_dir=work_dir, **train)
     act = behaviour.SACBehaviour(model, sim.action_space.low, sim.action_space.high)
     with behaviour.torch_threads(1):
         return _rollout(sim, act, rng, num_steps, max_episode_steps, f"{env} sac", progress)
 
 
 def _sac_replay(
-    env: str,
-    seed: int,
-    sac_steps: int,
-    work_dir: Path,
-    num_steps: int,
-    max_episode_steps: int,
-    progress: bool,
+    env: str, train: dict[str, Any], work_dir: Path, num_steps: int, max_episode_steps: int
 ) -> tuple[Arrays, dict[str, Any]]:
     """The first ``num_steps`` transitions of the SAC agent's replay buffer (training it first if needed)."""
     behaviour = _behaviour_module()
-    behaviour.train_sac(env, steps=sac_steps, seed=seed, work_dir=work_dir, progress=progress)
+    behaviour.train_sac(env, work_dir=work_dir, **train)
     steps = {key: value[:num_steps] for key, value in behaviour.final_replay(work_dir).items()}
     arrays = _d4rl_arrays(steps)
     ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
@@ -170,8 +212,8 @@ def _sac_replay(
     returns = np.array(
         [arrays["rewards"][a : b + 1].sum(dtype=np.float64) for a, b in zip(starts, ends, strict=True)]
     )
-    attrs = _attrs(env, "sac-replay", seed, len(arrays["rewards"]), max_episode_steps, returns)
-    attrs["sac_steps"] = sac_steps
+    attrs = _attrs(env, "sac-replay", train["seed"], len(arrays["rewards"]), max_episode_steps, returns)
+    attrs.update(_agent_attrs(train["steps"], train.get("target_return"), work_dir))
     # The mean return of the complete episodes in the buffer: a mixture of every stage of the training.
     attrs["behaviour_return"] = attrs["mean_return"]
     return arrays, attrs

@@ -29,13 +29,15 @@ def _fetch(params: dict[str, Any], out: Path, progress: bool) -> None:
 
 
 def behaviour_dir(raw: Path, params: dict[str, Any]) -> Path:
-    """Where a trained behaviour policy lives: ``data/behaviour/<env>-<policy><steps>-seed<seed>``.
+    """Where a trained behaviour policy lives: ``data/behaviour/<env>-<policy><steps>[-target<return>]-seed<seed>``.
 
     Keyed by what determines the policy, so tasks drawing data from the same agent share one training,
     and beside the datasets, so DVC pins and shares the trained agent with them.
     """
     agent = "sac" if params["policy"] == "sac-replay" else params["policy"]  # the replay of the same agent
-    name = f"{params['env']}-{agent}{params.get('sac_steps', '')}-seed{params.get('seed', 0)}"
+    target = params.get("sac_target_return")
+    stop = "" if target is None else f"-target{target:g}"
+    name = f"{params['env']}-{agent}{params.get('sac_steps', '')}{stop}-seed{params.get('seed', 0)}"
     return raw.parent.parent / "behaviour" / name
 
 
