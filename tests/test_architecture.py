@@ -34,6 +34,7 @@ LAYERS = {
     "runinfo": 6,
     "publish": 6,
     "sync": 6,
+    "cli_help": 6,
     "__main__": 7,
 }
 
