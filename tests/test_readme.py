@@ -19,6 +19,9 @@ def test_readme_results_tables_are_the_published_pipeline_output(table):
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = "pip install torch==2.13.0 && pip install -e '.[dev]' && python -m pytest"
+    command = (
+        'export PIP_CONSTRAINT="$PWD/requirements/lock.txt" && '
+        "pip install torch==2.13.0 && pip install -e '.[dev]' && python -m pytest"
+    )
     assert command in readme
     assert command.replace("pip install", "pip install -q") in ci

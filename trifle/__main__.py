@@ -119,16 +119,18 @@ def run_stage(stage: str, overrides: Sequence[str]) -> None:
     import torch
 
     from trifle.config import compose, stage_inputs, stage_outputs
-    from trifle.runinfo import check_inputs, prepare_outputs, write_run_info
+    from trifle.runinfo import check_inputs, git_revision, prepare_outputs, write_run_info
 
     cfg = compose(overrides)
     prepare_outputs(stage_outputs(cfg, stage))
     inputs = check_inputs(stage_inputs(cfg, stage))
     torch.set_num_threads(cfg["threads"])
     module = importlib.import_module(f"trifle.stages.{stage}")
+    code = git_revision()  # the code the stage starts with: the tree may change during a long training
     started = time.perf_counter()
     output = module.run(cfg)
-    info = write_run_info(output, stage=stage, cfg=cfg, seconds=time.perf_counter() - started, inputs=inputs)
+    seconds = time.perf_counter() - started
+    info = write_run_info(output, stage=stage, cfg=cfg, seconds=seconds, inputs=inputs, git=code)
     print(f"trifle {stage}: wrote {output} ({info.name})")
 
 

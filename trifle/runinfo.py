@@ -10,6 +10,10 @@ Inputs are checked against each other before the stage runs (:func:`check_inputs
 ``.run.json`` names the token file it was trained on, and an evaluation given another token file (from
 another dataset seed, other bins) would plan with tokens the model never saw, silently. The hashes make
 that one line naming both files.
+
+The versions are read from the installed packages' metadata (:mod:`importlib.metadata`), not by
+importing them: importing torch or pyjuice only to learn a version would add seconds to every job, and
+a package that is missing is recorded as ``null`` instead of failing the stage after its work is done.
 """
 
 from __future__ import annotations
@@ -25,21 +29,59 @@ from pathlib import Path
 from typing import Any
 
 from trifle.errors import ConfigError, DataError
-from trifle.io import sha256_of, write_json
+from trifle.io import atomic_path, sha256_of, write_json
+
+#: Packages whose versions ``.run.json`` records: the package itself, the numerical stack a result
+#: depends on (torch and the triton kernels pyjuice compiles, numpy) and the simulators that produce
+#: the data and the returns (mujoco, gymnasium).
+VERSIONED_PACKAGES = ("trifle", "torch", "triton", "pyjuice", "mujoco", "numpy", "gymnasium")
+
+#: Suffix of the file, beside ``<output>.run.json``, that holds the uncommitted changes a run used.
+DIFF_SUFFIX = ".run.diff"
+
+
+def _git(args: list[str], cwd: str | Path) -> bytes | None:
+    """``git <args>``'s standard output, or None where git is missing, ``cwd`` is not in a work tree
+    or the command fails: provenance is recorded as unknown then, and the stage's output still counts."""
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout
 
 
 def git_revision(cwd: str | Path = ".") -> dict[str, Any]:
-    """The commit and whether the work tree had uncommitted changes ('unknown' outside a git checkout)."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
-        )
-        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
+    """The commit, whether tracked files had uncommitted changes (``dirty``), the names of untracked
+    files, and ``git diff HEAD`` of the tracked files when dirty (``diff``, bytes; None when clean).
+
+    Outside a git checkout, or without the git binary, the commit is 'unknown' and the rest None.
+    Untracked files are named, not saved: ``git status`` lists them in the same call that tells whether
+    the tree is dirty (an untracked folder as one ``name/``, ignored files not at all), while their
+    contents may be anything (a scratch dataset, a notebook). The diff is taken without colour or
+    external diff tools whatever the user's git config says, so that ``git apply`` can replay it."""
+    rev = _git(["rev-parse", "HEAD"], cwd)
+    status = _git(["status", "--porcelain=v1", "-z", "--untracked-files=normal"], cwd)
+    if rev is None or status is None:
+        return {"commit": "unknown", "dirty": None, "untracked": None, "diff": None}
+    dirty, untracked = False, []
+    entries = iter(status.decode("utf-8", errors="replace").split("\0"))
+    for entry in entries:
+        if not entry:
+            continue
+        code, name = entry[:2], entry[3:]
+        if code == "??":
+            untracked.append(name)
+            continue
+        dirty = True
+        if "R" in code or "C" in code:
+            next(entries, None)  # a rename or copy is followed by the path it came from
+    diff = _git(["diff", "--no-color", "--no-ext-diff", "HEAD"], cwd) if dirty else None
+    return {
+        "commit": rev.decode().strip(),
+        "dirty": dirty,
+        "untracked": sorted(untracked),
+        "diff": diff or None,
+    }
 
 
 def _version(package: str) -> str | None:
@@ -51,6 +93,10 @@ def _version(package: str) -> str | None:
 
 def run_info_path(output: str | Path) -> Path:
     return Path(f"{output}.run.json")
+
+
+def run_diff_path(output: str | Path) -> Path:
+    return Path(f"{output}{DIFF_SUFFIX}")
 
 
 def check_writable(key: str, path: Path) -> None:
@@ -69,11 +115,13 @@ def check_writable(key: str, path: Path) -> None:
 
 
 def prepare_outputs(outputs: Mapping[str, Path]) -> None:
-    """Before a stage runs: every output writable, and no earlier run's ``.run.json`` left beside them."""
+    """Before a stage runs: every output writable, and no earlier run's ``.run.json`` or ``.run.diff``
+    left beside them (a run from a clean tree writes no diff, so an older one would otherwise stay)."""
     for key, path in outputs.items():
         check_writable(key, path)
     for path in outputs.values():
         run_info_path(path).unlink(missing_ok=True)
+        run_diff_path(path).unlink(missing_ok=True)
 
 
 def input_digests(inputs: Mapping[str, Path]) -> dict[str, dict[str, str]]:
@@ -119,22 +167,41 @@ def write_run_info(
     cfg: dict[str, Any],
     seconds: float,
     inputs: Mapping[str, Mapping[str, str]] | None = None,
+    git: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``<output>.run.json`` (after the output is complete) and return its path; ``inputs`` are
-    :func:`check_inputs`' digests of the files the stage read."""
+    :func:`check_inputs`' digests of the files the stage read, ``git`` a :func:`git_revision` taken when
+    the stage started (by default it is taken now).
+
+    When the work tree was dirty, ``git diff HEAD`` goes to a file of its own, ``<output>.run.diff``,
+    written first, and the JSON names it with its sha256 and size (``git.diff``; null when the tree was
+    clean or its state unknown). Not inline: a diff can be any size (a regenerated lock file, a
+    rewritten config) and any bytes (git prints files in their own encoding, which JSON cannot hold),
+    every stage reads its inputs' ``.run.json`` before it runs, and a separate file is what
+    ``git apply`` takes to rebuild the code a result came from. The file is named relative to the JSON,
+    so the pair can be moved together."""
     path = run_info_path(output)
+    state = dict(git_revision() if git is None else git)
+    diff = state.pop("diff", None)
+    if diff:
+        diff_path = run_diff_path(output)
+        with atomic_path(diff_path) as tmp:
+            tmp.write_bytes(diff)
+        state["diff"] = {"file": diff_path.name, "sha256": sha256_of(diff_path), "bytes": len(diff)}
+    else:
+        state["diff"] = None
     write_json(
         path,
         {
             "stage": stage,
             "seed": cfg.get("seed"),
             "config": cfg,
-            "git": git_revision(),
+            "git": state,
             "argv": sys.argv,
             "seconds": round(seconds, 3),
             "inputs": dict(inputs or {}),
             "python": platform.python_version(),
-            "versions": {p: _version(p) for p in ("trifle", "torch", "pyjuice", "numpy", "gymnasium")},
+            "versions": {p: _version(p) for p in VERSIONED_PACKAGES},
         },
     )
     return path
