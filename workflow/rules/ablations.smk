@@ -36,11 +36,24 @@ rule ablation_table:
     output:
         csv="results/tables/ablation_{study}.csv",
         md="results/tables/ablation_{study}.md",
-        figure="results/figures/ablation_{study}.png",
+        html=report(
+            "results/tables/ablation_{study}.html",
+            caption="../report/ablation.rst",
+            category="Ablations",
+            labels={"study": "{study}", "view": "table"},
+        ),
+        figure=report(
+            "results/figures/ablation_{study}.png",
+            caption="../report/ablation.rst",
+            category="Ablations",
+            labels={"study": "{study}", "view": "figure"},
+        ),
     log:
         "logs/ablation_table/{study}.log",
     params:
         code=code("ablation_table"),
+        report_code=report_code,
+        runs=lambda wildcards: report_runs(ABLATIONS[wildcards.study]["tasks"]),
         methods=method_registry,
         setting=lambda wildcards: ABLATIONS[wildcards.study]["setting"],
         files=file_list,
@@ -56,3 +69,5 @@ rule ablation_table:
         "python -m trifle ablation_table ablation.study={wildcards.study} ablation.setting={params.setting}"
         " paths.eval_files={params.files} paths.ablation_table={output.csv:q}"
         " paths.ablation_figure={output.figure:q} > {log:q} 2>&1"
+        " && python -m trifle.evaluation.report_tables table {output.csv:q} --html {output.html:q}"
+        " --notes {output.md:q} >> {log:q} 2>&1"

@@ -184,6 +184,57 @@ def model_metrics(wildcards):
     ]
 
 
+def aux_checkpoints():
+    """The optimality score's return models (checkpoint names without extension): a state and an action
+    model per seed of every task that has runs to score."""
+    scored_tasks = sorted({path.split("/")[2] for path in optimality_files()})
+    return [
+        f"results/checkpoints/{task}/aux/{kind}/seed{seed}"
+        for task in scored_tasks
+        for kind in ("state", "action")
+        for seed in task_settings(task)["seeds"]
+    ]
+
+
+def training_curves(wildcards=None):
+    """The training curve (trifle.models.curves) of every model the configuration trains, the optimality
+    score's return models included: the curves figure plots them all."""
+    trained = [m[: -len(".metrics.json")] for m in model_metrics(None)]
+    return [f"{name}.curve.csv" for name in trained + aux_checkpoints()]
+
+
+def report_code(wildcards):
+    """params of the rules that also write the report's views of their tables (HTML, JSON) or the curves
+    figure: a change to that code reruns those cheap rules, never a training."""
+    return code_fingerprint("trifle.evaluation.report_tables")
+
+
+def report_runs(tasks, aux=False):
+    """params: what a report table or figure covers, per task, as reStructuredText for its caption (the
+    report's templating renders `snakemake.params.runs`): seeds, evaluated methods, trained models (with
+    ``aux``: the optimality score's return models too), config-group choices and extra overrides."""
+    scored = {path.split("/")[2] for path in optimality_files()}
+
+    def literal(items):
+        return ", ".join(f"``{item}``" for item in items) or "none"
+
+    runs = []
+    for task in tasks:
+        settings = task_settings(task)
+        models = trained_models(task) + (["aux/state", "aux/action"] if aux and task in scored else [])
+        runs.append(
+            {
+                "task": task,
+                "seeds": ", ".join(str(s) for s in settings["seeds"]),
+                "methods": literal(settings["methods"]),
+                "models": literal(models),
+                "groups": literal(f"{g}={n}" for g, n in sorted(settings["groups"].items())),
+                "overrides": literal(settings["overrides"]),
+            }
+        )
+    return runs
+
+
 def evaluation_files_of(tasks):
     """Evaluation files of every method x seed of ``tasks``."""
     return [
@@ -220,7 +271,8 @@ def final_targets():
 
 
 def pinned_files():
-    """Every dataset, checkpoint and evaluation file the configuration implies (DVC pins these folders).
+    """Every dataset, checkpoint (with its metrics and training curve) and evaluation file the configuration
+    implies (DVC pins these folders).
 
     The tables need only the metrics and evaluation files, so without these targets a deleted checkpoint
     (or one removed by an interrupted rerun) left `snakemake -n` with nothing to do and `dvc repro`
@@ -238,14 +290,8 @@ def pinned_files():
     for study in ABLATIONS:
         evaluations += ablation_files(SimpleNamespace(study=study))
     files += [path for e in evaluations for path in (e, e[: -len(".json")] + ".steps.npz")]
-    scored_tasks = sorted({path.split("/")[2] for path in optimality_files()})
-    files += [
-        f"results/checkpoints/{task}/aux/{kind}/seed{seed}.{ext}"
-        for task in scored_tasks
-        for kind in ("state", "action")
-        for seed in task_settings(task)["seeds"]
-        for ext in ("pt", "metrics.json")
-    ]
+    files += [f"{name}.{ext}" for name in aux_checkpoints() for ext in ("pt", "metrics.json")]
+    files += training_curves()
     return sorted(set(files))
 
 

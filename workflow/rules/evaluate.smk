@@ -7,6 +7,8 @@ rule train_dt:
     output:
         model="results/checkpoints/{task}/dt/seed{seed}.pt",
         metrics="results/checkpoints/{task}/dt/seed{seed}.metrics.json",
+        # The training curve, one row per evaluation, from the metrics' history (trifle.models.curves).
+        curve="results/checkpoints/{task}/dt/seed{seed}.curve.csv",
     log:
         "logs/train_dt/{task}/seed{seed}.log",
     params:
@@ -23,6 +25,7 @@ rule train_dt:
     shell:
         "python -m trifle train_dt {params.overrides} threads={threads} paths.labeled={input:q} paths.dt={output.model:q}"
         " paths.dt_metrics={output.metrics:q} > {log:q} 2>&1"
+        " && python -m trifle.models.curves {output.metrics:q} {output.curve:q} >> {log:q} 2>&1"
 
 
 rule evaluate:

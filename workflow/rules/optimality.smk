@@ -13,6 +13,8 @@ rule train_aux:
     output:
         model="results/checkpoints/{task}/aux/{kind}/seed{seed}.pt",
         metrics="results/checkpoints/{task}/aux/{kind}/seed{seed}.metrics.json",
+        # The training curve, one row per evaluation, from the metrics' history (trifle.models.curves).
+        curve="results/checkpoints/{task}/aux/{kind}/seed{seed}.curve.csv",
     log:
         "logs/train_aux/{task}/{kind}/seed{seed}.log",
     params:
@@ -31,7 +33,7 @@ rule train_aux:
     shell:
         "python -m trifle train_aux {params.overrides} threads={threads} paths.tokens={input.tokens:q}"
         " paths.labeled={input.labeled:q} paths.aux={output.model:q} paths.aux_metrics={output.metrics:q}"
-        " > {log:q} 2>&1"
+        " > {log:q} 2>&1 && python -m trifle.models.curves {output.metrics:q} {output.curve:q} >> {log:q} 2>&1"
 
 
 rule optimality:
@@ -65,13 +67,14 @@ rule optimality_table:
     input:
         optimality_files,
     output:
-        csv=report(
-            "results/tables/optimality.csv",
+        csv="results/tables/optimality.csv",
+        md="results/tables/optimality.md",
+        html=report(
+            "results/tables/optimality.html",
             caption="../report/optimality.rst",
             category="Results",
             labels={"table": "optimality"},
         ),
-        md="results/tables/optimality.md",
         figure=report(
             "results/figures/optimality.png",
             caption="../report/optimality_figure.rst",
@@ -82,6 +85,8 @@ rule optimality_table:
         "logs/optimality_table.log",
     params:
         code=code("optimality_table"),
+        report_code=report_code,
+        runs=lambda wildcards: report_runs(sorted({path.split("/")[2] for path in optimality_files()}), aux=True),
         methods=method_registry,
         files=file_list,
     localrule: True
@@ -95,3 +100,5 @@ rule optimality_table:
     shell:
         "python -m trifle optimality_table paths.optimality_files={params.files}"
         " paths.optimality_table={output.csv:q} paths.optimality_figure={output.figure:q} > {log:q} 2>&1"
+        " && python -m trifle.evaluation.report_tables table {output.csv:q} --html {output.html:q}"
+        " --notes {output.md:q} >> {log:q} 2>&1"

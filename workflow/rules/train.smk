@@ -8,6 +8,8 @@ rule train_gpt:
     output:
         model="results/checkpoints/{task}/gpt/seed{seed}.pt",
         metrics="results/checkpoints/{task}/gpt/seed{seed}.metrics.json",
+        # The training curve, one row per evaluation, from the metrics' history (trifle.models.curves).
+        curve="results/checkpoints/{task}/gpt/seed{seed}.curve.csv",
     log:
         "logs/train_gpt/{task}/seed{seed}.log",
     params:
@@ -24,6 +26,7 @@ rule train_gpt:
     shell:
         "python -m trifle train_gpt {params.overrides} threads={threads} paths.tokens={input:q} paths.gpt={output.model:q}"
         " paths.gpt_metrics={output.metrics:q} > {log:q} 2>&1"
+        " && python -m trifle.models.curves {output.metrics:q} {output.curve:q} >> {log:q} 2>&1"
 
 
 rule train_pc:
@@ -32,6 +35,8 @@ rule train_pc:
     output:
         model="results/checkpoints/{task}/pc/seed{seed}.jpc",
         metrics="results/checkpoints/{task}/pc/seed{seed}.metrics.json",
+        # The training curve, one row per evaluation, from the metrics' history (trifle.models.curves).
+        curve="results/checkpoints/{task}/pc/seed{seed}.curve.csv",
     log:
         "logs/train_pc/{task}/seed{seed}.log",
     params:
@@ -48,6 +53,7 @@ rule train_pc:
     shell:
         "python -m trifle train_pc {params.overrides} threads={threads} paths.tokens={input:q} paths.pc={output.model:q}"
         " paths.pc_metrics={output.metrics:q} > {log:q} 2>&1"
+        " && python -m trifle.models.curves {output.metrics:q} {output.curve:q} >> {log:q} 2>&1"
 
 
 rule train_critic:
@@ -56,6 +62,8 @@ rule train_critic:
     output:
         model="results/checkpoints/{task}/critic/seed{seed}.pt",
         metrics="results/checkpoints/{task}/critic/seed{seed}.metrics.json",
+        # The training curve, one row per evaluation, from the metrics' history (trifle.models.curves).
+        curve="results/checkpoints/{task}/critic/seed{seed}.curve.csv",
     log:
         "logs/train_critic/{task}/seed{seed}.log",
     params:
@@ -72,3 +80,4 @@ rule train_critic:
     shell:
         "python -m trifle train_critic {params.overrides} threads={threads} paths.labeled={input:q} paths.critic={output.model:q}"
         " paths.critic_metrics={output.metrics:q} > {log:q} 2>&1"
+        " && python -m trifle.models.curves {output.metrics:q} {output.curve:q} >> {log:q} 2>&1"
