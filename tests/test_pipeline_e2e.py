@@ -98,10 +98,12 @@ def test_report_builds_with_table_and_figure(produced):
     import zipfile
 
     names = zipfile.ZipFile(project / "report.zip").namelist()
-    assert any(n.endswith("returns.png") for n in names) and any(n.endswith("summary.csv") for n in names)
+    # Tables are in the report as rendered HTML tables (a CSV would only be a download link there).
+    assert any(n.endswith("returns.png") for n in names) and any(n.endswith("summary.html") for n in names)
     assert any(n.endswith("mujoco_scores.png") for n in names) and any(
-        n.endswith("safe_rl.csv") for n in names
+        n.endswith("safe_rl.html") for n in names
     )
+    assert any(n.endswith("curves.png") for n in names) and any(n.endswith("models.html") for n in names)
 
 
 def test_every_output_has_provenance_and_every_job_a_log(produced):
