@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from trifle.envs.mujoco import check_env_name, make_mujoco_env, normalized_score
 from trifle.errors import CheckpointError, ConfigError
+from trifle.io import read_json, write_json
 
 TRAIN_EPISODE_STEPS = 1000  # D4RL's step limit; the behaviour policy is trained on full-length episodes.
 MAX_LEARNING_STARTS = 5000
@@ -145,7 +146,7 @@ def train_sac(
                 "reached": reached is not None,
             }
             result["eval_return"] = None if last is None else last["mean_return"]
-            _atomic_write(work_dir / RESULT_FILE, lambda f: f.write(json.dumps(result, indent=2).encode()))
+            write_json(work_dir / RESULT_FILE, result)
             if reached is None:
                 warnings.warn(
                     f"{work_dir}: SAC's stochastic policy did not reach task.dataset.sac_target_return="
@@ -163,7 +164,7 @@ def train_sac(
 def training_result(work_dir: Path | str) -> dict[str, Any] | None:
     """Where a target-return training stopped (``sac_result.json``), or ``None`` for a fixed budget."""
     path = Path(work_dir) / RESULT_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def _evaluate(model: SAC, env: str, seed: int, step: int, episodes: int) -> dict[str, float]:
@@ -247,8 +248,7 @@ def final_replay(work_dir: Path | str) -> dict[str, np.ndarray]:
             "Remove the directory to train it again"
         )
     buffer = load_from_pkl(path)
-    size = buffer.buffer_size if buffer.full else buffer.pos
-    order = (buffer.pos + np.arange(size)) % buffer.buffer_size if buffer.full else np.arange(size)
+    order = _collection_order(buffer)
     dones = buffer.dones[order, 0].astype(bool)
     timeouts = buffer.timeouts[order, 0].astype(bool) & dones
     return {
@@ -259,6 +259,13 @@ def final_replay(work_dir: Path | str) -> dict[str, np.ndarray]:
         "timeout": timeouts,
         "next_obs": buffer.next_observations[order, 0],
     }
+
+
+def _collection_order(buffer: Any) -> np.ndarray:
+    """Indices of a replay buffer's transitions in the order they were collected (oldest first, also
+    after the buffer has wrapped around)."""
+    size = buffer.buffer_size if buffer.full else buffer.pos
+    return (buffer.pos + np.arange(size)) % buffer.buffer_size if buffer.full else np.arange(size)
 
 
 def _claim_work_dir(work_dir: Path, args: dict[str, Any]) -> None:
@@ -316,8 +323,8 @@ def _grow_replay_buffer(model: SAC, size: int) -> None:
     buffer = model.replay_buffer
     if buffer.buffer_size >= size:
         return
-    held = buffer.buffer_size if buffer.full else buffer.pos
-    order = (buffer.pos + np.arange(held)) % buffer.buffer_size if buffer.full else np.arange(held)
+    order = _collection_order(buffer)
+    held = len(order)
     grown = type(buffer)(
         size,
         buffer.observation_space,
