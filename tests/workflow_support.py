@@ -15,6 +15,7 @@ PROJECT_FILES = (
     "profiles",
     "trifle",
     "dvc.yaml",
+    "params.yaml",
     ".dvcignore",
     ".dvc",
     ".gitignore",

@@ -4,6 +4,8 @@
 every downstream file is stale and retrain everything. After checking that the pulled artifacts are
 exactly the ones `dvc.lock` pins for this code and config, the sync marks them up to date with
 `snakemake --touch --forceall`, which also records Snakemake's provenance (params, code) for them.
+The touch runs under the workflow config `params.yaml` names (`workflow_config`), the one `dvc repro`
+ran and `dvc status` has just confirmed against dvc.lock, so the marked jobs are the pinned run's.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
 
 from trifle.errors import TrifleError
 
@@ -27,6 +32,30 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         raise TrifleError(f"sync: '{cmd[0]}' is not installed or not on PATH") from err
     except subprocess.CalledProcessError as err:
         raise TrifleError(f"sync: '{' '.join(cmd)}' failed with exit code {err.returncode}") from err
+
+
+PARAMS_FILE = "params.yaml"
+CONFIG_KEY = "workflow_config"
+
+
+def workflow_config(params_file: Path = Path(PARAMS_FILE)) -> str:
+    """The workflow config `dvc repro` runs, from ``params_file``'s `workflow_config` (dvc.yaml's
+    ``${workflow_config}``), checked to name an existing file."""
+    try:
+        params = yaml.safe_load(params_file.read_text())
+    except OSError as err:
+        raise TrifleError(f"sync: cannot read {params_file} ({err}); expected it beside dvc.yaml") from err
+    except yaml.YAMLError as err:
+        raise TrifleError(f"sync: {params_file} is not valid YAML ({' '.join(str(err).split())})") from err
+    value = params.get(CONFIG_KEY) if isinstance(params, dict) else None
+    if not isinstance(value, str) or not value:
+        raise TrifleError(
+            f"sync: {params_file}: expected key '{CONFIG_KEY}' naming the workflow config file "
+            f"(e.g. workflow/config/default.yaml), got {value!r}"
+        )
+    if not (params_file.parent / value).is_file():
+        raise TrifleError(f"sync: {params_file}: {CONFIG_KEY} names {value}, which does not exist")
+    return value
 
 
 def blocking_changes(status: dict) -> list[str]:
@@ -88,6 +117,7 @@ def _pull_failure(dvc_pull_args: Sequence[str], code: int) -> str:
 
 def sync(dvc_pull_args: Sequence[str] = ()) -> None:
     """Pull pinned artifacts, verify them against dvc.lock, then mark them up to date for Snakemake."""
+    config = workflow_config()  # a bad params.yaml fails before anything is pulled
     try:
         _run(["dvc", "pull", *dvc_pull_args])
     except TrifleError as err:
@@ -100,7 +130,8 @@ def sync(dvc_pull_args: Sequence[str] = ()) -> None:
         raise TrifleError(
             "sync: the pulled artifacts do not match this checkout, so they are not marked up to date:\n  "
             + "\n  ".join(problems)
-            + "\nCheck out the commit whose dvc.lock you pulled, or rerun `snakemake --cores all`."
+            + "\nCheck out the commit whose dvc.lock you pulled, or rerun "
+            + f"`snakemake --cores all --configfile {config}`."
         )
-    _run(["snakemake", "--touch", "--forceall", "--cores", "1"])
+    _run(["snakemake", "--touch", "--forceall", "--cores", "1", "--configfile", config])
     print("sync: pinned artifacts restored and marked up to date; `snakemake -n` should list no jobs.")
