@@ -480,6 +480,8 @@ def test_sync_names_the_remote_and_what_it_lacks(tmp_path):
     remote.mkdir()
     _dvc("init", "--no-scm", "-q", cwd=project)
     _dvc("remote", "add", "-d", "shared", str(remote), cwd=project)
+    (project / "params.yaml").write_text("workflow_config: run.yaml\n")
+    (project / "run.yaml").write_text("tasks: []\n")
     (project / "pinned.txt").write_text("pinned data\n")
     _dvc("add", "-q", "pinned.txt", cwd=project)
     (project / "pinned.txt").unlink()
