@@ -638,6 +638,10 @@ def _validate_eval(cfg: dict[str, Any]) -> None:
 
 def _validate_task(cfg: dict[str, Any]) -> None:
     dataset = get(cfg, "task.dataset")
+    if dataset.get("generator") == "minari":
+        from trifle.data.minari_datasets import check_options
+
+        check_options(dataset)
     if "epsilon" in dataset:
         _in_unit_interval(cfg, "task.dataset.epsilon")
     for key in ("num_episodes", "num_steps", "max_episode_steps"):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from trifle.envs.mujoco import MUJOCO_ENVS, check_env_name, make_raw_env, normalized_score
+from trifle.envs.mujoco import MUJOCO_ENVS, check_env_name, make_raw_env, normalized_score, reference_scores
 from trifle.errors import ConfigError, TrifleError
 
 Arrays = dict[str, np.ndarray]
@@ -291,5 +291,6 @@ def _attrs(
     }
     if returns.size:
         attrs["mean_return"] = float(returns.mean())
-        attrs["mean_normalized_score"] = float(normalized_score(env, returns).mean())
+        if reference_scores(env) is not None:  # none for the v5 envs
+            attrs["mean_normalized_score"] = float(normalized_score(env, returns).mean())
     return attrs

@@ -2,8 +2,11 @@
 
 D4RL's v2 datasets were collected with mujoco-py "v2" envs; gymnasium's ``*-v4`` envs keep the same
 XML models, observation layout, reward and termination, so policies trained on D4RL data are evaluated
-on them (``v5`` changes Walker2d's foot friction, so it is not used). Scores are reported as D4RL
-normalized scores, ``100 * (R - random) / (expert - random)`` with D4RL's reference returns.
+on them (``v5`` changes Walker2d's foot friction, so it is not used for D4RL data). Minari's MuJoCo
+datasets were collected in the ``v5`` envs, so those are here too, named ``<env>-v5``: a policy is
+evaluated in the env version its data came from. Scores are normalized scores,
+``100 * (R - random) / (expert - random)``: with the dataset's own reference returns where it carries
+them (Minari's ``ref_min_score``/``ref_max_score``), else D4RL's for the v4 envs (:func:`reference_scores`).
 
 :class:`VectorMujocoEnv` steps many independent episodes together with the conventions of
 :class:`trifle.envs.tabular.VectorTabularEnv`: no automatic reset, finished envs stay frozen, and the
@@ -15,19 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gymnasium
 import mujoco
 import numpy as np
 
-from trifle.errors import ConfigError, TrifleError
+from trifle.errors import ConfigError, DataError, TrifleError
 
 MUJOCO_ENVS: dict[str, str] = {
     "hopper": "Hopper-v4",
     "halfcheetah": "HalfCheetah-v4",
     "walker2d": "Walker2d-v4",
+    # The envs Minari's MuJoCo datasets were collected in (trifle.data.minari_datasets).
+    "hopper-v5": "Hopper-v5",
+    "halfcheetah-v5": "HalfCheetah-v5",
+    "walker2d-v5": "Walker2d-v5",
 }
 
 # D4RL's REF_MIN_SCORE / REF_MAX_SCORE (random and expert policy returns over 1000-step episodes).
@@ -51,6 +58,8 @@ ACTION_NAMES: dict[str, tuple[str, ...]] = {
         "foot_left_joint",
     ),
 }
+# The v5 envs drive the same joints.
+ACTION_NAMES |= {f"{env}-v5": names for env, names in ACTION_NAMES.items()}
 
 # MuJoCo compiler warnings that the D4RL models trigger by design and that change nothing we use.
 HARMLESS_MUJOCO_WARNINGS: tuple[str, ...] = ("'settotalmass' is deprecated",)
@@ -62,10 +71,30 @@ def check_env_name(env: str) -> None:
         raise ConfigError(f"unknown MuJoCo env {env!r}; valid envs: {sorted(MUJOCO_ENVS)}")
 
 
-def normalized_score(env: str, returns: Any) -> np.ndarray:
-    """D4RL normalized score ``100 * (R - min) / (max - min)`` of one return or an array of them."""
+def reference_scores(env: str, attrs: Mapping[str, Any] | None = None) -> tuple[float, float] | None:
+    """The returns a normalized score maps to 0 and 100, or None where none are known.
+
+    A dataset's own reference returns win (``ref_min_score``/``ref_max_score`` in its attrs, copied from a
+    Minari dataset's metadata, whose scores are measured in the env it was collected in); without them,
+    D4RL's for the v4 envs. D4RL's numbers are not reused for the v5 envs, whose dynamics differ.
+    """
     check_env_name(env)
-    low, high = REF_SCORES[env]
+    low, high = (attrs or {}).get("ref_min_score"), (attrs or {}).get("ref_max_score")
+    if low is not None and high is not None:
+        return float(low), float(high)
+    return REF_SCORES.get(env)
+
+
+def normalized_score(env: str, returns: Any, attrs: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Normalized score ``100 * (R - min) / (max - min)`` of one return or an array of them, with
+    :func:`reference_scores` (``attrs``: the dataset's attributes)."""
+    refs = reference_scores(env, attrs)
+    if refs is None:
+        raise DataError(
+            f"no reference scores for env {env!r}: its dataset has no ref_min_score/ref_max_score and "
+            "D4RL's hold only for the v4 envs"
+        )
+    low, high = refs
     return 100.0 * (np.asarray(returns, dtype=np.float64) - low) / (high - low)
 
 
@@ -91,7 +120,8 @@ def _quiet_model_compile() -> Iterator[None]:
 
 
 def make_mujoco_env(env: str, **kwargs: Any) -> gymnasium.Env:
-    """``gym.make`` the v4 env of ``env``; v4 is chosen on purpose, so its deprecation warning is silenced."""
+    """``gym.make`` the gymnasium env of ``env``; v4 is chosen on purpose, so its deprecation warning is
+    silenced."""
     check_env_name(env)
     try:
         with warnings.catch_warnings(), _quiet_model_compile():

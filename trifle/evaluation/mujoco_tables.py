@@ -227,7 +227,7 @@ def behaviour_score(path: Path, env: str) -> tuple[float, float, int]:
         raise DataError(f"{path}: no complete episode, so no behaviour score")
     starts, _ = segment_episodes(data.terminals, data.timeouts)
     sums = np.add.reduceat(np.asarray(data.rewards, np.float64), starts)[: len(ends)]
-    scores = normalized_score(env, sums)
+    scores = normalized_score(env, sums, data.attrs)  # a Minari dataset's own reference scores win
     sem = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
     return float(scores.mean()), sem, len(scores)
 

@@ -2,8 +2,9 @@
 
 Sources (``task.dataset.generator``): ``d4rl`` fetches a published D4RL file (a local copy or a
 verified, resumable download), ``file`` takes a D4RL-layout file of your own (``path``, optionally
-pinned by ``sha256``), ``mujoco`` generates a D4RL-format dataset in gymnasium's MuJoCo environment,
-and ``taxi`` / ``frozenlake`` generate the toy tasks' datasets.
+pinned by ``sha256``), ``minari`` converts a Minari dataset (``dataset_id`` or ``path``; it must have been
+collected in the env ``task.env`` evaluates in), ``mujoco`` generates a D4RL-format dataset in gymnasium's
+MuJoCo environment, and ``taxi`` / ``frozenlake`` generate the toy tasks' datasets.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 
 from trifle.data.d4rl_download import fetch_d4rl, fetch_file
 from trifle.data.d4rl_format import load_dataset, save_dataset
+from trifle.data.minari_datasets import load_minari_dataset
 from trifle.data.mujoco_datasets import generate_mujoco_dataset
 from trifle.data.toy_datasets import TOY_GENERATORS
 from trifle.errors import ConfigError
 
-GENERATORS = {**TOY_GENERATORS, "mujoco": generate_mujoco_dataset}
+GENERATORS = {**TOY_GENERATORS, "mujoco": generate_mujoco_dataset, "minari": load_minari_dataset}
 SOURCES = ("d4rl", "file", *GENERATORS)
 
 
@@ -76,9 +78,9 @@ def run(cfg: dict[str, Any]) -> Path:
     elif name == "file":
         _take_file(params, out, cfg["task"]["name"])
     else:
-        if name == "mujoco":
+        if name in ("mujoco", "minari"):
             params["env"] = cfg["task"]["env"]
-            if params.get("policy") in ("sac", "sac-replay"):
+            if name == "mujoco" and params.get("policy") in ("sac", "sac-replay"):
                 params.setdefault("work_dir", str(behaviour_dir(out, params)))
         _generate(name, params, out, cfg["progress"])
     return out

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from trifle.data.minari_datasets import stored_reference_scores
 from trifle.devices import resolve_device
-from trifle.envs.mujoco import MUJOCO_ENVS, normalized_score
+from trifle.envs.mujoco import MUJOCO_ENVS, normalized_score, reference_scores
 from trifle.evaluation.rollout import EpisodeResults, env_factory, evaluate_policy
 from trifle.evaluation.steps import ExecutedSteps, save_steps
 from trifle.io import write_json
@@ -48,8 +49,24 @@ def build_policies(cfg: dict[str, Any], device: str) -> list[tuple[float | None,
     return method(cfg["planner"]["name"]).policy_function()(cfg, device)
 
 
-def _outcome(cfg: dict[str, Any], results: EpisodeResults) -> dict[str, Any]:
-    """Every episode of one rollout and its aggregates (the part of a record a DT target repeats)."""
+def score_references(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The raw dataset's reference-score attrs (``paths.raw``: a Minari dataset carries its own) for
+    :func:`trifle.envs.mujoco.normalized_score`; None, with a message naming the dataset, where neither
+    the dataset nor D4RL has reference scores for the env, so the record carries returns only."""
+    raw = cfg["paths"].get("raw")
+    attrs = stored_reference_scores(raw) if raw else {}
+    if reference_scores(cfg["task"]["env"], attrs) is None:
+        print(
+            f"evaluate: no normalized scores for task {cfg['task']['name']}: its dataset {raw} has no "
+            f"ref_min_score/ref_max_score and D4RL's do not hold for env {cfg['task']['env']!r}"
+        )
+        return None
+    return attrs
+
+
+def _outcome(cfg: dict[str, Any], results: EpisodeResults, refs: dict[str, Any] | None) -> dict[str, Any]:
+    """Every episode of one rollout and its aggregates (the part of a record a DT target repeats);
+    normalized scores with the reference scores ``refs`` (:func:`score_references`) unless None."""
     returns = np.asarray(results.returns, float)
     episodes: dict[str, Any] = {
         "returns": results.returns,
@@ -69,8 +86,8 @@ def _outcome(cfg: dict[str, Any], results: EpisodeResults) -> dict[str, Any]:
         "env_steps": results.env_steps,
         "step_seconds": results.step_seconds,
     }
-    if is_mujoco(cfg):
-        scores = normalized_score(cfg["task"]["env"], returns)
+    if is_mujoco(cfg) and refs is not None:
+        scores = normalized_score(cfg["task"]["env"], returns, refs)
         episodes["scores"] = scores.tolist()
         outcome["score_mean"] = float(scores.mean())
     return outcome
@@ -89,6 +106,7 @@ def run(cfg: dict[str, Any]) -> Path:
     planner, ev = cfg["planner"], cfg["eval"]
     # Violations are counted against the task's constraint for every method, constrained or not.
     constraint = parse_constraint(cfg["task"]["action_constraint"])
+    refs = score_references(cfg) if is_mujoco(cfg) else None
     outcomes, rollouts = [], []
     for target, policy in policies:
         # Same seed for every target: the same environment seeds, episode by episode.
@@ -102,7 +120,7 @@ def run(cfg: dict[str, Any]) -> Path:
             constraint=constraint,
             name=cfg["task"]["name"] if target is None else f"{cfg['task']['name']} target {target:g}",
         )
-        outcomes.append(_outcome(cfg, results))
+        outcomes.append(_outcome(cfg, results, refs))
         rollouts.append(results)
     best = best_target(outcomes)
     # The reported episodes' states, actions and rewards, beside the record (which stays as it was).

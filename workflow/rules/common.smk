@@ -298,7 +298,11 @@ def pinned_files():
 def evaluation_inputs(wildcards):
     """The inputs a method plans with, named as the `paths.*` keys the evaluate stage reads."""
     fill = dict(task=wildcards.task, seed=wildcards.seed)
-    return {need: INPUT_FILES[need].format(**fill) for need in method(wildcards.method).needs}
+    inputs = {need: INPUT_FILES[need].format(**fill) for need in method(wildcards.method).needs}
+    if wildcards.task in MUJOCO_TASKS:
+        # Normalized scores use the raw dataset's reference scores where it has its own (Minari's).
+        inputs["raw"] = f"data/raw/{wildcards.task}.hdf5"
+    return inputs
 
 
 def path_overrides(wildcards, input):
