@@ -11,13 +11,17 @@ token (``vocab_size``) that pads transitions after a terminal state. As in TT:
 * the loss weights targets by their column: actions ``action_weight`` (5 in TT), reward
   ``reward_weight``, value ``value_weight``, states 1.
 
-Unlike TT, value tokens may be outputs only (``value_inputs="masked"``): every value token is read
-through one shared embedding row, so the model predicts V_t but never conditions on any V. TT reads
-them, yet a planner never has true past values to feed: TT writes a placeholder (the top bin) into the
-executed transitions of its prefix, and a model trained on true values reads the placeholder as "the
-return from here is maximal" (it has learned V_{t-1} = r_t + gamma V_t, so V_t follows from V_{t-1}).
-Its value predictions then saturate and the beam ranks plans by noise (docs/gpt.md#value-inputs).
-Masking makes training see exactly what planning feeds. The stop token stays readable.
+How the model reads value tokens is ``value_inputs`` (docs/gpt.md#value-inputs):
+
+* ``"unattended"`` is TT's model: value tokens are embedded and predicted, but TT's attention mask hides
+  every value token's key from every query (its own included), so a value token reaches nothing but the
+  residual stream of its own position, whose head predicts the next transition's first state token;
+* ``"read"``: value tokens are inputs like any other token (attended by everything after them);
+* ``"masked"``: every value token is read through one shared embedding row, so the model predicts V_t but
+  never conditions on any V. A planner never has true past values to feed: TT writes a placeholder (the
+  top bin) into the executed transitions of its prefix, and a ``read`` model trained on true values reads
+  the placeholder as "the return from here is maximal" (it has learned V_{t-1} = r_t + gamma V_t).
+  Masking makes training see exactly what planning feeds. The stop token stays readable.
 
 Unlike TT (no cache: every sampled token re-runs the whole context), ``forward`` accepts and returns
 a :class:`KVCache`, so extending ``B`` beams by one token costs one token's forward pass.
@@ -52,8 +56,9 @@ class GPTConfig:
     action_weight: float = 5.0
     reward_weight: float = 1.0
     value_weight: float = 1.0
-    # "read": value tokens are inputs like any other (TT); "masked": outputs only (see module docstring).
-    # The default is TT's, so checkpoints written before the option existed load as they were trained.
+    # "read": value tokens are inputs like any other; "masked": outputs only; "unattended": TT's mask, no
+    # position attends to a value token (see module docstring). The default is "read" so that checkpoints
+    # written before the option existed load as they were trained.
     value_inputs: str = "read"
 
     def __post_init__(self) -> None:
@@ -195,9 +200,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, slot: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        slot: tuple[torch.Tensor, torch.Tensor, int] | None,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``slot`` = (key storage, value storage, number of cached tokens): this call's keys and values
-        are written into the storage after the cached ones, and attention reads the filled part."""
+        are written into the storage after the cached ones, and attention reads the filled part.
+
+        ``allowed`` (``[T, n_cached + T]`` bool), when given, replaces the causal mask: query ``i`` may
+        attend to key ``j`` where it is true (the ``unattended`` value inputs pass one).
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if slot is not None:
@@ -207,7 +221,9 @@ class CausalSelfAttention(nn.Module):
             k, v = k_store[:, :, : n_cached + T], v_store[:, :, : n_cached + T]
         n_past = k.size(2) - T
         dropout = self.dropout if self.training else 0.0
-        if n_past == 0:
+        if allowed is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        elif n_past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:
             # A single new token may attend to every key: no mask needed.
@@ -236,9 +252,12 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, slot: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self,
+        x: torch.Tensor,
+        slot: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), slot)
+        x = x + self.attn(self.ln1(x), slot, allowed)
         return x + self.mlp(self.ln2(x))
 
 
@@ -298,12 +317,35 @@ class TrajectoryGPT(nn.Module):
             idx = torch.where((columns == D - 1) & (idx != V), 0, idx)
         emb_idx = torch.where(idx == V, V * D, idx + columns * V)
         x = self.drop(self.tok_emb(emb_idx) + self.pos_emb[:, start : start + T])
+        allowed = self._unattended_mask(start, past_len, T, idx.device)
         if cache is not None:
             cache = self._room(cache, B, T, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, (cache.keys[i], cache.values[i], past_len) if cache is not None else None)
+            slot = (cache.keys[i], cache.values[i], past_len) if cache is not None else None
+            x = block(x, slot, allowed)
         logits = self._heads(self.ln_f(x), start)
         return logits, (cache.extended(T) if cache is not None else None)
+
+    def _unattended_mask(
+        self, start: int, past_len: int, T: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """With ``value_inputs="unattended"``, the ``[T, past_len + T]`` attention mask of TT: causal, and
+        no query sees a value token's key (TT zeroes the value columns of its causal mask). None otherwise.
+
+        Keys are the cached tokens then this call's, at absolute positions ``start - past_len`` on.
+        """
+        if self.cfg.value_inputs != "unattended":
+            return None
+        D = self.cfg.transition_dim
+        if past_len == 0 and start % D == D - 1:
+            # The first query would see no key at all (TT's sequences start at a transition boundary).
+            raise ValueError(
+                f"start={start} is a value position: with value_inputs='unattended' a sequence without a "
+                "cache must not begin with a value token"
+            )
+        key_columns = self._columns(start - past_len, past_len + T, device)
+        causal = torch.ones(T, past_len + T, dtype=torch.bool, device=device).tril(diagonal=past_len)
+        return causal & (key_columns != D - 1)
 
     def _room(self, cache: KVCache, batch: int, extra: int, dtype: torch.dtype) -> KVCache:
         """A cache whose storage can take ``extra`` more tokens in place (allocating or copying if not)."""

@@ -14,8 +14,9 @@ from typing import Any
 from trifle.errors import ConfigError
 from trifle.models.setting_checks import betas_setting, float_setting, int_setting, steps_or_epochs
 
-#: How the GPT treats value tokens: ``read`` as inputs (TT), ``masked`` as outputs only (trifle.models.gpt).
-VALUE_INPUTS = ("read", "masked")
+#: How the GPT treats value tokens (trifle.models.gpt): ``read`` as inputs, ``masked`` as outputs only,
+#: ``unattended`` as TT does (embedded, but no position attends to a value token).
+VALUE_INPUTS = ("read", "masked", "unattended")
 
 #: Trajectory Transformer's published GPT settings (config/offline.py); pick ``steps`` or ``epochs``.
 TT_CONFIG: dict[str, Any] = {
