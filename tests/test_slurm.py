@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_support import REPO, copy_project, env_for, job_counts, snakemake
+from workflow_support import GPU_RULES, REPO, copy_project, env_for, job_counts, snakemake
 
 # The program each Debian package provides to the cluster.
 PROGRAMS = {
@@ -402,16 +402,8 @@ def test_results_compare_without_timings_only(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- the runs
-# Training and evaluation go to partition `gpu` (workflow/profiles/slurm/config.yaml), the rest to `cpu`.
-GPU_PARTITION_RULES = {
-    "train_gpt",
-    "train_pc",
-    "train_dt",
-    "train_critic",
-    "train_aux",
-    "evaluate",
-    "evaluate_ablation",
-}
+# Training and evaluation go to partition `gpu` (workflow/profiles/slurm/config.yaml; GPU_RULES), the
+# rest to `cpu`.
 # Overrides of the profile for one small machine: outputs are on the local disk (no file-system latency)
 # and jobs take seconds, so status checks start after 2 s rather than 40.
 SLURM_ARGS = (
@@ -479,7 +471,7 @@ def test_smoke_workflow_on_slurm_submits_every_job_and_matches_a_local_run(clust
     assert {state for _, _, state, _ in jobs} == {"COMPLETED"}, sacct
     for _, partition, _, comment in jobs:
         rule = comment.removeprefix("rule_").split("_wildcards_")[0]
-        assert partition == ("gpu" if rule in GPU_PARTITION_RULES else "cpu"), (rule, partition)
+        assert partition == ("gpu" if rule in GPU_RULES else "cpu"), (rule, partition)
 
     # 2. The same results as the local run: every file but the provenance records (`*.run.json`: the copy's
     # paths, times) equal, wall-clock timings (`*seconds` keys and columns) aside.

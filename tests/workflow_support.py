@@ -9,6 +9,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Rules whose jobs train or plan: the profiles send them to GPU partitions (workflow/profiles/slurm).
+GPU_RULES = (
+    "train_gpt",
+    "train_pc",
+    "train_dt",
+    "train_critic",
+    "train_aux",
+    "evaluate",
+    "evaluate_ablation",
+)
+
 PROJECT_FILES = (
     "Snakefile",
     "workflow",
