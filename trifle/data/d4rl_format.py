@@ -93,12 +93,27 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
             f.visititems(
                 lambda name, obj: arrays.__setitem__(name, obj[()]) if _is_step_array(name, obj) else None
             )
-            attrs = {key: _decode_attr(value) for key, value in f.attrs.items()}
+            attrs = _decoded_attrs(f)
     except OSError as err:
         raise DataError(f"{p}: not a readable hdf5 file ({err})") from err
     _validate(p, arrays, attrs)
     required = {key: arrays.pop(key) for key in REQUIRED_DTYPES}
     return Dataset(**required, extras=arrays, attrs=attrs)
+
+
+def load_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The file's attributes alone, decoded as :func:`load_dataset` decodes them, without reading or
+    validating any array (for a stage that needs, say, the reference scores, not the data)."""
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as f:
+            return _decoded_attrs(f)
+    except OSError as err:
+        raise DataError(f"{p}: not a readable hdf5 file ({err})") from err
+
+
+def _decoded_attrs(f: h5py.File) -> dict[str, Any]:
+    return {key: _decode_attr(value) for key, value in f.attrs.items()}
 
 
 def _is_step_array(name: str, obj: Any) -> bool:

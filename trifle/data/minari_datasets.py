@@ -263,13 +263,3 @@ def _leaves(group: h5py.Group, prefix: str = "") -> dict[str, np.ndarray]:
         else:
             out[f"{prefix}{key}"] = value[()]
     return out
-
-
-def stored_reference_scores(raw: str | os.PathLike[str]) -> dict[str, Any]:
-    """``ref_min_score``/``ref_max_score`` of a raw dataset file, as the conversion stored them (JSON text
-    attrs, trifle.data.d4rl_format); only the attributes are read, not the arrays. Empty for files
-    without them (D4RL's, the generated ones) and when the file is absent."""
-    if not Path(raw).is_file():
-        return {}
-    with h5py.File(raw, "r") as f:
-        return {key: json.loads(f.attrs[key]) for key in ("ref_min_score", "ref_max_score") if key in f.attrs}

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from trifle.data.minari_datasets import stored_reference_scores
+from trifle.data.d4rl_format import load_attrs
 from trifle.devices import resolve_device
 from trifle.envs.mujoco import MUJOCO_ENVS, normalized_score, reference_scores
 from trifle.evaluation.rollout import EpisodeResults, env_factory, evaluate_policy
@@ -54,7 +54,9 @@ def score_references(cfg: dict[str, Any]) -> dict[str, Any] | None:
     :func:`trifle.envs.mujoco.normalized_score`; None, with a message naming the dataset, where neither
     the dataset nor D4RL has reference scores for the env, so the record carries returns only."""
     raw = cfg["paths"].get("raw")
-    attrs = stored_reference_scores(raw) if raw else {}
+    # Files without their own reference scores (D4RL's, the generated ones) fall back to D4RL's.
+    stored = load_attrs(raw) if raw and Path(raw).is_file() else {}
+    attrs = {key: stored[key] for key in ("ref_min_score", "ref_max_score") if key in stored}
     if reference_scores(cfg["task"]["env"], attrs) is None:
         print(
             f"evaluate: no normalized scores for task {cfg['task']['name']}: its dataset {raw} has no "
