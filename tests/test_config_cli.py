@@ -73,10 +73,13 @@ def test_a_hyperparameter_changes_only_the_slices_that_read_it():
     changed = compose(["task=taxi-stochastic", "task.labels.discount=0.9"])
     # The planners discount with the same factor as the labels, and the circuit's diagnostics score
     # E[r + gamma V | s, a] with it; the IQL critic's Q targets too, and the optimality score's return
-    # models their G = r + gamma V.
+    # models their G = r + gamma V. The import stages check a released GPT's labels against it and
+    # score a released circuit's diagnostics with it.
     assert {s for s in STAGE_KEYS if stage_slice(base, s) != stage_slice(changed, s)} == {
         "labels",
         "train_pc",
+        "import_gpt",
+        "import_pc",
         "train_critic",
         "train_aux",
         "evaluate",
@@ -86,10 +89,13 @@ def test_a_hyperparameter_changes_only_the_slices_that_read_it():
 def test_seed_changes_training_and_evaluation_but_not_data():
     a, b = compose(["seed=0"]), compose(["seed=1"])
     changed = {s for s in STAGE_KEYS if stage_slice(a, s) != stage_slice(b, s)}
-    # The optimality score's return models are trained per seed, and its files are per run.
+    # The optimality score's return models are trained per seed, and its files are per run; an imported
+    # model's metrics use the seed's held-out split.
     assert changed == {
         "train_gpt",
         "train_pc",
+        "import_gpt",
+        "import_pc",
         "train_dt",
         "train_critic",
         "train_aux",

@@ -167,6 +167,7 @@ def _rendered(name: str) -> str:
         "models": "``gpt``, ``pc``",
         "groups": "``gpt=small``",
         "overrides": "none",
+        "protocol": "pretrained",
     }
     snakemake_object = SimpleNamespace(
         config=config,
@@ -189,6 +190,7 @@ def test_every_caption_renders_without_warnings(name):
 def test_captions_say_what_was_run():
     body = _rendered("curves.rst")
     assert body.count("<li>") == 2 and "taxi-stochastic" in body and "gpt=small" in body
+    assert "protocol pretrained" in body
     ablation = _rendered("ablation.rst")
     assert "planner.fixed_threshold" in ablation and "trifle-s" in ablation
 

@@ -24,14 +24,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trifle.data.discretize import fit_quantile
+from trifle.data.discretize import fit_quantile, fit_tt_quantile
 from trifle.errors import CheckpointError
 from trifle.models.gpt import KVCache
 from trifle.models.gpt_training import load_gpt
 from trifle.models.tt_import import (
     import_tt_checkpoint,
     main,
-    tt_quantile_bins,
     write_imported_checkpoint,
 )
 
@@ -415,13 +414,13 @@ def tt_quantile_tokens(data: np.ndarray, x: np.ndarray, n: int) -> tuple[np.ndar
 @pytest.mark.parametrize(
     ("size", "n_bins", "ties"), [(700, 7, False), (703, 7, True), (1000, 10, True), (40, 10, False)]
 )
-def test_tt_quantile_bins_reproduce_tts_tokens_and_values(size, n_bins, ties):
+def test_fit_tt_quantile_reproduces_tts_tokens_and_values(size, n_bins, ties):
     rng = np.random.default_rng(size)
     data = rng.normal(size=size)
     if ties:  # repeated values: tied thresholds leave empty bins in TT, merged bins in fit_quantile
         data[: size // 3] = np.round(data[: size // 3], 1)
         data[-5:] = -100.0
-    bins = tt_quantile_bins(data, n_bins)
+    bins = fit_tt_quantile(data, n_bins)
     assert bins.num_bins == n_bins
     probe = np.concatenate([data, rng.normal(size=50) * 3, [data.min() - 1, data.max(), data.max() + 1]])
     expected, midpoints = tt_quantile_tokens(data, probe, n_bins)
@@ -447,3 +446,32 @@ def test_trifles_quantile_bins_are_close_to_tts_but_not_equal():
     data = rng.normal(size=1003)  # TT: 11 values a bin, so 92 thresholds and 91 bins + the maximum's token
     tts, _ = tt_quantile_tokens(data, data, 100)
     assert len(np.unique(tts)) < 95 and np.abs(fit_quantile(data, 100).encode(data, "c") - tts).max() > 1
+
+
+def test_tokens_with_the_tt_rule_are_tts_tokens_fitted_without_the_last_row():
+    """`task.discretizer.quantile: tt`: every quantile column binned by TT's rule, fitted as TT fits it, on
+    qlearning_dataset_with_timeouts' rows (all but the dataset's last); categorical columns unchanged."""
+    from trifle.data.labels import LabeledTrajectories
+    from trifle.data.tokens import tokenize
+
+    rng = np.random.default_rng(3)
+    n, obs, act = 1003, 2, 1
+    labeled = LabeledTrajectories(
+        observations=rng.normal(size=(n, obs)).astype(np.float32),
+        actions=rng.integers(0, 3, size=(n, act)).astype(np.float32),
+        rewards=rng.normal(size=n).astype(np.float32),
+        values=rng.normal(size=n).astype(np.float32),
+        episode_starts=np.array([0, 500], np.int64),
+        episode_terminal=np.array([True, False]),
+    )
+    labeled.observations[-1] = 50.0  # the last row: outside TT's fit, so above every threshold
+    cfg = {"observations": "quantile", "actions": "categorical", "rewards": "quantile", "values": "quantile"}
+    data = tokenize(labeled, {**cfg, "n_bins": 10, "quantile": "tt"})
+    table = np.column_stack([labeled.observations, labeled.actions, labeled.rewards, labeled.values])
+    for j in (0, 1, 3, 4):
+        expected, _ = tt_quantile_tokens(table[:-1, j].astype(np.float64), table[:, j].astype(np.float64), 10)
+        np.testing.assert_array_equal(data.tokens[:, j], expected)
+    np.testing.assert_array_equal(data.tokens[:, 2], table[:, 2].astype(int))
+    assert data.tokens[-1, 0] == 9  # the unseen maximum takes the top token, as in TT
+    ours = tokenize(labeled, {**cfg, "n_bins": 10, "quantile": "trifle"})
+    assert (ours.tokens != data.tokens).any()

@@ -31,6 +31,10 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "tokens": ("task.name", "task.discretizer"),
     "train_gpt": ("task.name", "gpt", "seed", "device"),
     "train_pc": ("task.name", "pc", "task.pc_window", "task.labels.discount", "seed"),
+    # A released model (workflow `protocol: pretrained`) checked against the task's tokens and labels and
+    # scored on the training split's episodes as the trainers score theirs.
+    "import_gpt": ("task.name", "task.labels", "gpt.valid_fraction", "gpt.eval_windows", "seed"),
+    "import_pc": ("task.name", "task.pc_window", "task.labels.discount", "pc.valid_fraction", "seed"),
     "train_dt": ("task.name", "dt", "seed", "device"),
     "train_critic": ("task.name", "critic", "task.labels.discount", "seed", "device"),
     # The optimality score's return models: G_t = r_t + gamma V_t needs the discount.
@@ -74,6 +78,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "tokens": ("tokens",),
     "train_gpt": ("gpt", "gpt_metrics"),
     "train_pc": ("pc", "pc_metrics"),
+    "import_gpt": ("gpt", "gpt_metrics"),
+    "import_pc": ("pc", "pc_metrics"),
     "train_dt": ("dt", "dt_metrics"),
     "train_critic": ("critic", "critic_metrics"),
     "train_aux": ("aux", "aux_metrics"),
@@ -95,6 +101,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "tokens": ("labeled",),
     "train_gpt": ("tokens",),
     "train_pc": ("tokens",),
+    "import_gpt": ("tokens",),
+    "import_pc": ("tokens",),
     "train_dt": ("labeled",),
     "train_critic": ("labeled",),
     "train_aux": ("tokens", "labeled"),
@@ -671,6 +679,8 @@ def _validate_task(cfg: dict[str, Any]) -> None:
         _require(
             kind in ("categorical", "quantile"), f"task.discretizer.{field}", "categorical or quantile", kind
         )
+    rule = get(cfg, "task.discretizer.quantile")
+    _require(rule in ("trifle", "tt"), "task.discretizer.quantile", "trifle or tt", rule)
     _positive_int(cfg, "task.pc_window")
     from trifle.planning.constraints import parse_constraint
 

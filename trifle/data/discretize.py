@@ -1,13 +1,19 @@
 """Per-dimension discretizers: categorical (identity on a finite set) and quantile bins.
 
 Every column maps raw values to tokens 0..n-1 and tokens back to one representative value per bin.
-Quantile bins hold equal empirical mass (Trajectory Transformer's QuantileDiscretizer); a bin's
-representative is the mean of the training values that fall in it, so ``decode(encode(x))`` is exact
-for categorical columns and the in-bin mean for quantile columns.
+Quantile bins hold equal empirical mass, by one of two rules (``quantile_rule``):
+
+* ``trifle`` (:func:`fit_quantile`): ties merge bins, atoms at the ends get bins of their own, and a
+  bin's representative is the mean of the training values that fall in it, so ``decode(encode(x))`` is
+  exact for categorical columns and the in-bin mean for quantile columns;
+* ``tt`` (:func:`fit_tt_quantile`): Trajectory Transformer's ``QuantileDiscretizer`` exactly (fixed
+  thresholds every ceil(n/N)-th value, midpoint representatives), fitted on every row but the dataset's
+  last as TT does. A GPT imported from TT (trifle.models.tt_import) only reads tokens made this way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +22,7 @@ import numpy as np
 from trifle.errors import DataError
 
 KINDS = ("categorical", "quantile")
+QUANTILE_RULES = ("trifle", "tt")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,32 @@ def fit_quantile(x: np.ndarray, n_bins: int) -> ColumnBins:
     return ColumnBins("quantile", edges, values)
 
 
+def fit_tt_quantile(x: np.ndarray, n_bins: int) -> ColumnBins:
+    """TT's ``QuantileDiscretizer`` for one column, as a :class:`ColumnBins` (the same tokens).
+
+    TT's thresholds are every ``p = ceil(n / N)``-th sorted value from the minimum, then the maximum;
+    a value's token is the last threshold at or below it, clipped to ``N - 1``, so tied thresholds leave
+    empty bins (token numbers skip) instead of merging, and every column has exactly ``N`` tokens. As
+    ``searchsorted(side="right")`` over the thresholds after the first, that is trifle's encoding.
+    A token's value is the midpoint of its two thresholds (TT's ``reconstruct``). When the data are too
+    few for ``N + 1`` thresholds, TT gives the maximum a token past the last bin (min(K, N-1) for K
+    thresholds): reproduced, with the maximum as that token's value (TT's reconstruct fails there).
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise DataError(f"fit_tt_quantile: expected a non-empty column, got shape {x.shape}")
+    data = np.sort(x)
+    step = math.ceil(len(data) / n_bins)
+    thresholds = np.concatenate([data[::step], data[-1:]])
+    k = len(thresholds)
+    top = min(k, n_bins - 1)  # TT's token for the maximum (values at or above every threshold)
+    edges = np.concatenate([thresholds[1 : k - 1], np.repeat(thresholds[-1], top - (k - 2))])
+    values = np.full(n_bins, thresholds[-1])
+    mids = (thresholds[:-1] + thresholds[1:]) / 2
+    values[: min(len(mids), n_bins)] = mids[:n_bins]
+    return ColumnBins("quantile", edges[: n_bins - 1], values)
+
+
 def _equal_mass_edges(x: np.ndarray, n_bins: int) -> np.ndarray:
     """Interior edges of at most ``n_bins`` equal-mass bins of sorted ``x``, a heavy atom alone in its bin."""
     # Edges are data points, a bin holds the values below its upper edge; an edge equal to the minimum
@@ -113,11 +146,13 @@ def _equal_mass_edges(x: np.ndarray, n_bins: int) -> np.ndarray:
 class Discretizer:
     """A fitted discretizer over the columns of a transition matrix (obs, action, reward, value)."""
 
-    def __init__(self, columns: list[ColumnBins], names: list[str]) -> None:
+    def __init__(self, columns: list[ColumnBins], names: list[str], quantile_rule: str = "trifle") -> None:
         if len(columns) != len(names):
             raise ValueError("one name per column")
         self.columns = columns
         self.names = names
+        # Kept with the bins: a model trained elsewhere (TT's GPT) must be given tokens of its own rule.
+        self.quantile_rule = quantile_rule
 
     @classmethod
     def fit(
@@ -128,20 +163,27 @@ class Discretizer:
         *,
         n_bins: int,
         categories: list[np.ndarray | None] | None = None,
+        quantile_rule: str = "trifle",
     ) -> Discretizer:
-        """Fit one column per kind; ``categories`` optionally declares the full range of discrete columns."""
+        """Fit one column per kind; ``categories`` optionally declares the full range of discrete columns,
+        ``quantile_rule`` picks the quantile columns' rule (module docstring)."""
         if n_bins < 2:
             raise DataError(f"n_bins={n_bins}: expected at least 2 bins")
+        if quantile_rule not in QUANTILE_RULES:
+            raise DataError(f"quantile_rule={quantile_rule!r}: expected one of {QUANTILE_RULES}")
         categories = categories or [None] * data.shape[1]
         columns = []
         for j, kind in enumerate(kinds):
             if kind == "categorical":
                 columns.append(fit_categorical(data[:, j], categories[j]))
+            elif kind == "quantile" and quantile_rule == "tt":
+                # TT fits on qlearning_dataset_with_timeouts' rows, which omit the dataset's last one.
+                columns.append(fit_tt_quantile(data[:-1, j] if len(data) > 1 else data[:, j], n_bins))
             elif kind == "quantile":
                 columns.append(fit_quantile(data[:, j], n_bins))
             else:
                 raise DataError(f"column '{names[j]}': unknown discretizer kind '{kind}', expected {KINDS}")
-        return cls(columns, names)
+        return cls(columns, names, quantile_rule)
 
     @property
     def num_bins(self) -> np.ndarray:
@@ -168,8 +210,14 @@ class Discretizer:
         return np.asarray(probs)[..., : len(values)] @ values
 
     def to_dict(self) -> dict[str, Any]:
-        return {"names": self.names, "columns": [c.to_dict() for c in self.columns]}
+        return {
+            "names": self.names,
+            "columns": [c.to_dict() for c in self.columns],
+            "quantile_rule": self.quantile_rule,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Discretizer:
-        return cls([ColumnBins.from_dict(c) for c in d["columns"]], list(d["names"]))
+        # Token files written before the rule was recorded used trifle's.
+        rule = d.get("quantile_rule", "trifle")
+        return cls([ColumnBins.from_dict(c) for c in d["columns"]], list(d["names"]), rule)

@@ -69,7 +69,12 @@ def tokenize(
     if num_actions is not None and act_dim == 1:
         categories[obs_dim] = np.arange(num_actions)
     discretizer = Discretizer.fit(
-        data, kinds, column_names(obs_dim, act_dim), n_bins=discretizer_cfg["n_bins"], categories=categories
+        data,
+        kinds,
+        column_names(obs_dim, act_dim),
+        n_bins=discretizer_cfg["n_bins"],
+        categories=categories,
+        quantile_rule=discretizer_cfg.get("quantile", "trifle"),
     )
     return TokenData(
         tokens=discretizer.encode(data),
@@ -79,6 +84,16 @@ def tokenize(
         act_dim=act_dim,
         discretizer=discretizer,
     )
+
+
+def require_quantile_rule(data: TokenData, rule: str, path: str | Path, user: str) -> None:
+    """A model fitted to another project's tokens reads only tokens binned by that project's rule."""
+    found = data.discretizer.quantile_rule
+    if found != rule:
+        raise DataError(
+            f"{path}: tokens made with task.discretizer.quantile={found}, but {user} reads tokens of the "
+            f"{rule!r} rule; set task.discretizer.quantile={rule} (the workflow's protocol: pretrained does)"
+        )
 
 
 def save_tokens(path: str | Path, data: TokenData) -> None:

@@ -38,10 +38,12 @@ def load_checked_gpt(
     architecture. A CheckpointError names the checkpoint, the key or the token file, and both values.
 
     A checkpoint without a data hash (built by hand, not by ``train_gpt``) is only checked for its shape.
+    An imported one (``source``: Trajectory Transformer's, trifle.models.tt_import) has the architecture it
+    was released with, which no ``gpt`` config describes: it too is checked for its shape only.
     """
     expect = {"obs_dim": tokens.obs_dim, "act_dim": tokens.act_dim, "vocab_size": tokens.vocab_size}
     model, ckpt = load_gpt(path, expect=expect, device=device)
-    if gpt_cfg is not None:
+    if gpt_cfg is not None and ckpt.get("source") is None:
         requested = resolve_config(gpt_cfg)
         cfg = model.cfg
         trained = {

@@ -21,8 +21,8 @@ re-implementation of TT's forward pass): TT's attention masks the key of every v
 ``value_inputs="unattended"``; TT's head has no bias (ours is set to zero); TT's ``block_size`` is
 ``10 * D - 1`` for its 10-transition windows and is kept as it is. Nothing about the discretization is stored
 in a TT checkpoint: TT refits its quantile bins on the D4RL dataset at load time (docs/gpt.md, "Importing
-Trajectory Transformer checkpoints", says what trifle's tokens share with them); :func:`tt_quantile_bins`
-rebuilds TT's bins for one column in trifle's :class:`ColumnBins` form.
+Trajectory Transformer checkpoints", says what trifle's tokens share with them); the tokens stage rebuilds
+TT's bins with ``task.discretizer.quantile: tt`` (:func:`trifle.data.discretize.fit_tt_quantile`).
 
 Command line: ``python -m trifle.models.tt_import SRC_DIR OUT.pt [--epoch N]`` writes a trifle GPT
 checkpoint (format ``trifle-gpt/1``, readable by ``load_gpt``) with TT's configs under ``"source"``.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import pickle
 import re
 import sys
@@ -43,8 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trifle.data.discretize import ColumnBins
-from trifle.errors import CheckpointError, ConfigError, DataError, TrifleError
+from trifle.errors import CheckpointError, ConfigError, TrifleError
 from trifle.models.gpt import GPTConfig, TrajectoryGPT
 from trifle.models.gpt_training import CHECKPOINT_FORMAT
 from trifle.models.training_common import cpu_state
@@ -379,32 +377,6 @@ def write_imported_checkpoint(model: TrajectoryGPT, info: Mapping[str, Any], out
         "source": dict(info),
     }
     save_final(out_path, checkpoint)
-
-
-def tt_quantile_bins(x: np.ndarray, n_bins: int) -> ColumnBins:
-    """TT's ``QuantileDiscretizer`` for one column, as trifle's :class:`ColumnBins` (same tokens).
-
-    TT's thresholds are every ``p = ceil(n / N)``-th sorted value from the minimum, then the maximum;
-    a value's token is the last threshold at or below it, clipped to ``N - 1``, so tied thresholds leave
-    empty bins (token numbers skip) instead of merging, and every column has exactly ``N`` tokens. As
-    ``searchsorted(side="right")`` over the thresholds after the first, that is trifle's encoding.
-    A token's value is the midpoint of its two thresholds (TT's ``reconstruct``). When the data are too
-    few for ``N + 1`` thresholds, TT gives the maximum a token past the last bin (min(K, N-1) for K
-    thresholds): reproduced, with the maximum as that token's value (TT's reconstruct fails there).
-    """
-    x = np.asarray(x, np.float64)
-    if x.ndim != 1 or len(x) == 0:
-        raise DataError(f"tt_quantile_bins: expected a non-empty column, got shape {x.shape}")
-    data = np.sort(x)
-    step = math.ceil(len(data) / n_bins)
-    thresholds = np.concatenate([data[::step], data[-1:]])
-    k = len(thresholds)
-    top = min(k, n_bins - 1)  # TT's token for the maximum (values at or above every threshold)
-    edges = np.concatenate([thresholds[1 : k - 1], np.repeat(thresholds[-1], top - (k - 2))])
-    values = np.full(n_bins, thresholds[-1])
-    mids = (thresholds[:-1] + thresholds[1:]) / 2
-    values[: min(len(mids), n_bins)] = mids[:n_bins]
-    return ColumnBins("quantile", edges[: n_bins - 1], values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

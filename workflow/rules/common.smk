@@ -45,17 +45,62 @@ if _stray:
     raise ValueError(f"workflow config 'per_task': {_stray} not in 'tasks' ({', '.join(config['tasks'])})")
 
 
+# What `protocol: pretrained` changes in a task's jobs: its tokens use Trajectory Transformer's bins, which
+# the released GPT and circuit were fitted to (docs/workflow.md#released-models).
+PROTOCOL_OVERRIDES = {"trained": [], "pretrained": ["task.discretizer.quantile=tt"]}
+
+
 def task_settings(task):
-    """Seeds, methods, group choices and overrides of one task: the global ones, where `per_task`
-    replaces seeds / methods, updates groups and appends overrides (e.g. TT's longer GPT training on
-    the medium-replay datasets)."""
+    """Seeds, methods, group choices, overrides and protocol of one task: the global ones, where
+    `per_task` replaces seeds / methods / protocol, updates groups and appends overrides (e.g. TT's longer
+    GPT training on the medium-replay datasets); the protocol's own overrides come last."""
     own = config.get("per_task", {}).get(task, {})
+    protocol = own.get("protocol", config.get("protocol", "trained"))
+    if protocol == "pretrained" and "protocol" not in own and not has_released_models(task):
+        protocol = "trained"  # the global choice covers the tasks released models exist for
     return {
         "seeds": own.get("seeds", config["seeds"]),
         "methods": own.get("methods", config.get("methods", [])),
         "groups": {**config.get("groups", {}), **own.get("groups", {})},
-        "overrides": [*config.get("overrides", []), *own.get("overrides", [])],
+        "overrides": [*config.get("overrides", []), *own.get("overrides", []), *PROTOCOL_OVERRIDES[protocol]],
+        "protocol": protocol,
     }
+
+
+def has_released_models(task):
+    """Released models exist for the published D4RL datasets only (TT's and the authors' releases cover
+    the Gym-MuJoCo ones): a global `protocol: pretrained` leaves every other task trained."""
+    return compose([f"task={task}"])["task"]["dataset"].get("generator") == "d4rl"
+
+
+def released(task):
+    """Whether the task's GPT and circuit are the released ones (`protocol: pretrained`)."""
+    return task_settings(task)["protocol"] == "pretrained"
+
+
+def released_sources(task):
+    """The released files a pretrained task imports, checked at DAG build: TT's GPT directory (its two
+    config pickles and its latest state_<epoch>.pt, the one TT's loader takes) and the authors' circuit."""
+    import re as _re
+
+    cfg = compose([f"task={task}"])
+    gpt_dir, pc_file = cfg["paths"]["released_gpt"], cfg["paths"]["released_pc"]
+    states = sorted(
+        (int(m.group(1)), name)
+        for name in (os.listdir(gpt_dir) if os.path.isdir(gpt_dir) else [])
+        if (m := _re.fullmatch(r"state_(\d+)\.pt", name))
+    )
+    gpt_files = [f"{gpt_dir}/model_config.pkl", f"{gpt_dir}/data_config.pkl"]
+    missing = [f for f in [*gpt_files, pc_file] if not os.path.isfile(f)]
+    if not states:
+        missing.append(f"{gpt_dir}/state_<epoch>.pt")
+    if missing:
+        raise ValueError(
+            f"workflow config: task {task} has protocol pretrained, but released files are missing: "
+            f"{', '.join(missing)}; expected Trajectory Transformer's logs/{task}/gpt/pretrained/ files in "
+            f"{gpt_dir}/ and the Trifle authors' circuit at {pc_file} (docs/workflow.md#released-models)"
+        )
+    return {"gpt": [*gpt_files, f"{gpt_dir}/{states[-1][1]}"], "pc": [pc_file]}
 
 
 for _task in config["tasks"]:
@@ -67,6 +112,13 @@ for _task in config["tasks"]:
         )
     for _method in task_settings(_task)["methods"]:
         method(_method)  # its registry block, checked at DAG build
+    if released(_task):
+        if not has_released_models(_task):
+            raise ValueError(
+                f"workflow config 'per_task.{_task}.protocol': pretrained, but no released models exist for "
+                f"{_task} (only for the published D4RL datasets); expected protocol: trained"
+            )
+        released_sources(_task)  # every released file present, or one line naming the missing ones
 
 
 def is_mujoco(task):
@@ -154,7 +206,8 @@ def hours(n):
     return runtime
 
 
-# The files behind each input a method's registry entry can need (trifle.planning.methods.INPUTS).
+# The files behind each input a method's registry entry can need (trifle.planning.methods.INPUTS); for a
+# pretrained task the GPT and circuit are RELEASED_FILES instead (model_file).
 INPUT_FILES = {
     "tokens": "data/tokens/{task}.npz",
     "labeled": "data/labeled/{task}.npz",
@@ -165,6 +218,23 @@ INPUT_FILES = {
 }
 # The inputs that are trained models (their jobs write results/checkpoints/).
 TRAINED = tuple(k for k, f in INPUT_FILES.items() if f.startswith("results/checkpoints/"))
+# A pretrained task's imported models (rules import_gpt, import_pc): one per task, planned with every seed.
+RELEASED_FILES = {
+    "gpt": "results/checkpoints/{task}/gpt/released.pt",
+    "pc": "results/checkpoints/{task}/pc/released.jpc",
+}
+
+
+def model_file(need, task, seed):
+    """The file of one input of a (task, seed) job: the released model where the task imports it."""
+    if need in RELEASED_FILES and released(task):
+        return RELEASED_FILES[need].format(task=task)
+    return INPUT_FILES[need].format(task=task, seed=seed)
+
+
+def metrics_file(model_path):
+    """The metrics file beside a model checkpoint (every training and import stage writes one)."""
+    return model_path.rsplit(".", 1)[0] + ".metrics.json"
 
 
 def trained_models(task):
@@ -175,13 +245,15 @@ def trained_models(task):
 
 
 def model_metrics(wildcards):
-    """Metrics files of every training job of the configured grid."""
-    return [
-        f"results/checkpoints/{task}/{model}/seed{seed}.metrics.json"
-        for task in config["tasks"]
-        for model in trained_models(task)
-        for seed in task_settings(task)["seeds"]
-    ]
+    """Metrics files of every training and import job of the configured grid (an imported model once)."""
+    return list(
+        dict.fromkeys(
+            metrics_file(model_file(model, task, seed))
+            for task in config["tasks"]
+            for model in trained_models(task)
+            for seed in task_settings(task)["seeds"]
+        )
+    )
 
 
 def aux_checkpoints():
@@ -199,7 +271,8 @@ def aux_checkpoints():
 def training_curves(wildcards=None):
     """The training curve (trifle.models.curves) of every model the configuration trains, the optimality
     score's return models included: the curves figure plots them all."""
-    trained = [m[: -len(".metrics.json")] for m in model_metrics(None)]
+    released_metrics = {metrics_file(f.format(task=t)) for t in config["tasks"] for f in RELEASED_FILES.values()}
+    trained = [m[: -len(".metrics.json")] for m in model_metrics(None) if m not in released_metrics]
     return [f"{name}.curve.csv" for name in trained + aux_checkpoints()]
 
 
@@ -230,6 +303,7 @@ def report_runs(tasks, aux=False):
                 "models": literal(models),
                 "groups": literal(f"{g}={n}" for g, n in sorted(settings["groups"].items())),
                 "overrides": literal(settings["overrides"]),
+                "protocol": settings["protocol"],
             }
         )
     return runs
@@ -282,7 +356,7 @@ def pinned_files():
     for task in config["tasks"]:
         files += [f"data/raw/{task}.hdf5", f"data/labeled/{task}.npz", f"data/tokens/{task}.npz"]
         files += [
-            INPUT_FILES[model].format(task=task, seed=seed)
+            model_file(model, task, seed)
             for seed in task_settings(task)["seeds"]
             for model in trained_models(task)
         ]
@@ -297,8 +371,7 @@ def pinned_files():
 
 def evaluation_inputs(wildcards):
     """The inputs a method plans with, named as the `paths.*` keys the evaluate stage reads."""
-    fill = dict(task=wildcards.task, seed=wildcards.seed)
-    inputs = {need: INPUT_FILES[need].format(**fill) for need in method(wildcards.method).needs}
+    inputs = {need: model_file(need, wildcards.task, wildcards.seed) for need in method(wildcards.method).needs}
     if wildcards.task in MUJOCO_TASKS:
         # Normalized scores use the raw dataset's reference scores where it has its own (Minari's).
         inputs["raw"] = f"data/raw/{wildcards.task}.hdf5"
