@@ -20,10 +20,9 @@ from trifle.data.circuit_windows import token_windows
 from trifle.data.tokens import load_tokens, require_quantile_rule
 from trifle.data.windows import split_episodes
 from trifle.models.circuits.backend import load_circuit
-from trifle.models.circuits.diagnostics import circuit_diagnostics
+from trifle.models.circuits.diagnostics import write_circuit_metrics
 from trifle.models.circuits.released import import_released_circuit
 from trifle.models.circuits.training import mean_log_likelihood
-from trifle.models.metrics import write_model_metrics
 
 
 def run(cfg: dict[str, Any]) -> Path:
@@ -52,18 +51,16 @@ def run(cfg: dict[str, Any]) -> Path:
         / num_vars
         for name, ids in (("train_ll_per_var", train_ids), ("heldout_ll_per_var", valid_ids))
     }
-    diagnostics = circuit_diagnostics(
-        circuit, data, train_ids, valid_ids, discount=cfg["task"]["labels"]["discount"], seed=cfg["seed"]
-    )
-    metrics = {**scores, "seconds": time.perf_counter() - start, "source": record, "diagnostics": diagnostics}
-    write_model_metrics(
+    metrics = {**scores, "seconds": time.perf_counter() - start, "source": record}
+    write_circuit_metrics(
         cfg,
-        "pc",
+        circuit,
+        data,
+        train_ids,
+        valid_ids,
         metrics,
         train_ll=scores["train_ll_per_var"],
         heldout_ll=scores["heldout_ll_per_var"],
-        window=window,
         released=True,
-        **diagnostics,
     )
     return out

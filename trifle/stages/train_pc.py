@@ -11,9 +11,8 @@ from trifle.data.circuit_windows import circuit_num_cats, token_windows
 from trifle.data.tokens import load_tokens
 from trifle.data.windows import split_episodes
 from trifle.models.circuits.backend import load_circuit
-from trifle.models.circuits.diagnostics import circuit_diagnostics
+from trifle.models.circuits.diagnostics import write_circuit_metrics
 from trifle.models.circuits.training import train_circuit
-from trifle.models.metrics import write_model_metrics
 
 
 def run(cfg: dict[str, Any]) -> Path:
@@ -45,18 +44,14 @@ def run(cfg: dict[str, Any]) -> Path:
         lvd=pc["lvd"],
     )
     # Conditionals against the data's counts (trifle.models.circuits.diagnostics), on the saved circuit.
-    circuit = load_circuit(out, backend="torch", device="cpu")
-    diagnostics = circuit_diagnostics(
-        circuit, data, train_ids, valid_ids, discount=cfg["task"]["labels"]["discount"], seed=cfg["seed"]
-    )
-    metrics["diagnostics"] = diagnostics
-    write_model_metrics(
+    write_circuit_metrics(
         cfg,
-        "pc",
+        load_circuit(out, backend="torch", device="cpu"),
+        data,
+        train_ids,
+        valid_ids,
         metrics,
         train_ll=metrics["train_ll_per_var"],
         heldout_ll=metrics["heldout_ll_per_var"],
-        window=window,
-        **diagnostics,
     )
     return out

@@ -164,3 +164,36 @@ def circuit_diagnostics(
         )
     out.update(value_calibration(circuit, data, episode_rows(data, valid_ids), seed=seed))
     return out
+
+
+def write_circuit_metrics(
+    cfg: dict,
+    circuit,
+    data: TokenData,
+    train_ids: np.ndarray,
+    valid_ids: np.ndarray,
+    metrics: dict,
+    *,
+    train_ll: float,
+    heldout_ll: float,
+    **extra,
+) -> dict[str, float]:
+    """Diagnose a trained or imported circuit and write its ``paths.pc_metrics`` file (the models table's
+    row: likelihoods, the task's window, these diagnostics). Returns the diagnostics."""
+    from trifle.models.metrics import write_model_metrics
+
+    diagnostics = circuit_diagnostics(
+        circuit, data, train_ids, valid_ids, discount=cfg["task"]["labels"]["discount"], seed=cfg["seed"]
+    )
+    metrics["diagnostics"] = diagnostics
+    write_model_metrics(
+        cfg,
+        "pc",
+        metrics,
+        train_ll=train_ll,
+        heldout_ll=heldout_ll,
+        window=cfg["task"]["pc_window"],
+        **extra,
+        **diagnostics,
+    )
+    return diagnostics
