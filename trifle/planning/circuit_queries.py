@@ -70,13 +70,42 @@ class WindowLayout:
         return x, missing
 
 
+def _row_hashes(bits: torch.Tensor) -> torch.Tensor:
+    """One int64 per row of ``bits`` [R, C]: a fixed random odd multiplier per column, summed with int64
+    wrap-around (so equal rows hash equally; unequal ones collide with probability about 2**-64)."""
+    g = torch.Generator().manual_seed(0x5EED + bits.size(1))
+    weights = torch.randint(-(2**62), 2**62, (bits.size(1),), generator=g, dtype=torch.int64) | 1
+    return (bits * weights.to(bits.device)).sum(1)
+
+
 def unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first, inverse)``: one representative row id per distinct row of ``key`` and, for every row,
-    the index of its distinct row, so that ``f(rows[first])[inverse] == f(rows)`` for a row-wise f."""
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), key.size(0), dtype=torch.long, device=key.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(key.size(0), device=key.device), reduce="amin")
-    return first, inverse
+    """``(first, inverse)``: one representative row id per distinct row of ``key`` (in the order the rows
+    first occur) and, for every row, the index of its distinct row, so that
+    ``f(rows[first])[inverse] == f(rows)`` for a row-wise f.
+
+    Rows are compared by their bit patterns through one hash per row: a 1-d unique is about ten times
+    faster than ``torch.unique(dim=0)``, which sorted whole rows and took 5% of m-Trifle's planning. The
+    grouping is then checked row by row and, should two different rows ever share a hash, redone
+    with ``torch.unique(dim=0)``, so it is exact. (0.0 and -0.0 differ in bits and are kept apart: still
+    exact, since f sees each row's own values.)
+    """
+    bits = key.contiguous().view(torch.int64) if key.dtype == torch.float64 else key.long()
+    _, inverse = torch.unique(_row_hashes(bits), return_inverse=True)
+    first = _first_rows(inverse)
+    if not torch.equal(bits[first][inverse], bits):  # a hash collision: group the rows themselves
+        _, inverse = torch.unique(bits, dim=0, return_inverse=True)
+        first = _first_rows(inverse)
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    return first[order], rank[inverse]
+
+
+def _first_rows(inverse: torch.Tensor) -> torch.Tensor:
+    """The smallest row id of each group of ``inverse``."""
+    rows = torch.arange(inverse.size(0), device=inverse.device)
+    first = torch.full((int(inverse.max()) + 1,), inverse.size(0), dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, rows, reduce="amin")
 
 
 def conditional_unique(
