@@ -81,18 +81,16 @@ def released(task):
 def released_sources(task):
     """The released files a pretrained task imports, checked at DAG build: TT's GPT directory (its two
     config pickles and its latest state_<epoch>.pt, the one TT's loader takes) and the authors' circuit."""
-    import re as _re
+    from trifle.errors import CheckpointError
+    from trifle.models.tt_import import find_state_file  # TT's own choice of epoch, as the import makes it
 
     cfg = compose([f"task={task}"])
     gpt_dir, pc_file = cfg["paths"]["released_gpt"], cfg["paths"]["released_pc"]
-    states = sorted(
-        (int(m.group(1)), name)
-        for name in (os.listdir(gpt_dir) if os.path.isdir(gpt_dir) else [])
-        if (m := _re.fullmatch(r"state_(\d+)\.pt", name))
-    )
     gpt_files = [f"{gpt_dir}/model_config.pkl", f"{gpt_dir}/data_config.pkl"]
     missing = [f for f in [*gpt_files, pc_file] if not os.path.isfile(f)]
-    if not states:
+    try:
+        state = f"{gpt_dir}/{find_state_file(gpt_dir)[0].name}"
+    except CheckpointError:
         missing.append(f"{gpt_dir}/state_<epoch>.pt")
     if missing:
         raise ValueError(
@@ -100,7 +98,7 @@ def released_sources(task):
             f"{', '.join(missing)}; expected Trajectory Transformer's logs/{task}/gpt/pretrained/ files in "
             f"{gpt_dir}/ and the Trifle authors' circuit at {pc_file} (docs/workflow.md#released-models)"
         )
-    return {"gpt": [*gpt_files, f"{gpt_dir}/{states[-1][1]}"], "pc": [pc_file]}
+    return {"gpt": [*gpt_files, state], "pc": [pc_file]}
 
 
 for _task in config["tasks"]:
