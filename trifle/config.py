@@ -679,8 +679,10 @@ def _validate_task(cfg: dict[str, Any]) -> None:
         _require(
             kind in ("categorical", "quantile"), f"task.discretizer.{field}", "categorical or quantile", kind
         )
+    from trifle.data.discretize import QUANTILE_RULES
+
     rule = get(cfg, "task.discretizer.quantile")
-    _require(rule in ("trifle", "tt"), "task.discretizer.quantile", "trifle or tt", rule)
+    _require(rule in QUANTILE_RULES, "task.discretizer.quantile", " or ".join(QUANTILE_RULES), rule)
     _positive_int(cfg, "task.pc_window")
     from trifle.planning.constraints import parse_constraint
 
