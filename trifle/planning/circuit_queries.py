@@ -14,6 +14,7 @@ are scattered back: the result is exactly that of the full batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -70,12 +71,18 @@ class WindowLayout:
         return x, missing
 
 
+@functools.cache
+def _hash_weights(columns: int) -> torch.Tensor:
+    """A fixed random odd int64 multiplier per column (made once per width: unique_rows is on the
+    planner's per-step path)."""
+    g = torch.Generator().manual_seed(0x5EED + columns)
+    return torch.randint(-(2**62), 2**62, (columns,), generator=g, dtype=torch.int64) | 1
+
+
 def _row_hashes(bits: torch.Tensor) -> torch.Tensor:
-    """One int64 per row of ``bits`` [R, C]: a fixed random odd multiplier per column, summed with int64
+    """One int64 per row of ``bits`` [R, C]: :func:`_hash_weights` times the columns, summed with int64
     wrap-around (so equal rows hash equally; unequal ones collide with probability about 2**-64)."""
-    g = torch.Generator().manual_seed(0x5EED + bits.size(1))
-    weights = torch.randint(-(2**62), 2**62, (bits.size(1),), generator=g, dtype=torch.int64) | 1
-    return (bits * weights.to(bits.device)).sum(1)
+    return (bits * _hash_weights(bits.size(1)).to(bits.device)).sum(1)
 
 
 def unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
