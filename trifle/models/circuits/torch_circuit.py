@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from trifle.errors import ConfigError, DataError, TrifleError
 
@@ -260,9 +259,12 @@ class TorchCircuit(torch.nn.Module):
         bad = (observed_x < 0) | (observed_x >= c)
         if bool(bad.any()):
             raise DataError(f"x: observed category ids must lie in [0, {c}), found {int(observed_x[bad][0])}")
-        onehot = F.one_hot(observed_x, c).to(self.input_params.dtype)
+        # zeros + scatter: one pass over [B, V, C], where one_hot + cast + where took three (EM builds this
+        # for every mini-batch, and it was a third of train_pc's time).
+        onehot = torch.zeros(b, v, c, dtype=self.input_params.dtype, device=x.device)
+        onehot.scatter_(2, observed_x.unsqueeze(-1), 1.0)
         if soft_evidence is None:
-            return torch.where(miss.unsqueeze(-1), torch.ones_like(onehot), onehot)
+            return onehot.masked_fill_(miss.unsqueeze(-1), 1.0) if bool(miss.any()) else onehot
         if soft_evidence.shape != (b, v, c):
             raise DataError(f"soft_evidence: expected shape {(b, v, c)}, got {tuple(soft_evidence.shape)}")
         if bool((soft_evidence < 0).any()):
@@ -298,12 +300,19 @@ class TorchCircuit(torch.nn.Module):
         leaf = torch.bmm(ev.transpose(0, 1), p_in.transpose(1, 2)).log()  # [V, B, Lmax]
         return self._upward(leaf, sum_params)
 
-    def _upward(self, leaf: torch.Tensor, sum_params=None) -> torch.Tensor:
-        """log Z per sample [B] from the leaves' log-values ``leaf`` [V, B, Lmax]."""
+    def _upward(self, leaf: torch.Tensor | Sequence[torch.Tensor], sum_params=None) -> torch.Tensor:
+        """log Z per sample [B] from the leaves' log-values: ``leaf`` [V, B, Lmax], or one [B, Lmax] tensor
+        per variable.
+
+        The per-variable views come from one ``unbind``, whose backward is a single stack; indexing
+        ``leaf[v]`` once per input node block instead made autograd write a zero-filled [V, B, Lmax]
+        gradient per block (half of an EM step's backward on Taxi's 49-variable window).
+        """
         p_sum = self.sum_params() if sum_params is None else sum_params
+        per_var = leaf.unbind(0) if isinstance(leaf, torch.Tensor) else leaf
         vals: dict[int, torch.Tensor] = {}
         for i, v, off, n in self.plan.input_ops:
-            vals[i] = leaf[v, :, off : off + n]
+            vals[i] = per_var[v][:, off : off + n]
         for layer in self.plan.layers:
             for op in layer:
                 if isinstance(op, _ProdOp):
@@ -326,8 +335,8 @@ class TorchCircuit(torch.nn.Module):
         m = x.amax(dim=-1, keepdim=True).detach()
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         y = torch.bmm((x - m).exp(), weights.transpose(1, 2)).log() + m  # [G, B, N]
-        for slot, out in enumerate(group.outs):
-            vals[out] = y[slot]
+        for out, values in zip(group.outs, y.unbind(0), strict=True):  # one backward stack (see _upward)
+            vals[out] = values
 
     def log_prob(self, x: torch.Tensor, missing=None, soft_evidence=None) -> torch.Tensor:
         """log p(observed variables, soft evidence on missing ones) per sample, shape [B]."""
@@ -389,9 +398,11 @@ class TorchCircuit(torch.nn.Module):
             leaf = torch.bmm(ev.transpose(0, 1), p_in.transpose(1, 2)).log()  # [V, B, Lmax]
         own = ev[:, targets, :].clone().requires_grad_(True)
         with torch.enable_grad():
-            leaf = leaf.clone()
-            leaf[targets] = torch.bmm(own.transpose(0, 1), p_in[targets].transpose(1, 2)).log()
-            logz = self._upward(leaf)
+            per_var = list(leaf.unbind(0))  # only the targets' leaves enter autograd
+            own_leaf = torch.bmm(own.transpose(0, 1), p_in[targets].transpose(1, 2)).log()
+            for t, values in zip(targets, own_leaf.unbind(0), strict=True):
+                per_var[t] = values
+            logz = self._upward(per_var)
             (grad,) = torch.autograd.grad(logz.sum(), own)
         return own.detach(), grad
 
