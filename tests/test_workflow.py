@@ -29,6 +29,36 @@ def test_default_dry_run_lists_every_rule():
     }
 
 
+def test_a_job_never_waits_behind_a_job_it_unblocks():
+    """Among ready jobs, the stage nearer the data runs first (workflow/rules/common.smk PRIORITY): every
+    file a job reads is made by a job of at least its priority, and training outranks evaluation."""
+    out = snakemake(REPO, "-n", "--forceall").stdout
+    jobs = []
+    for rule, block in _jobs(out):
+        fields = dict(re.findall(r"^\s+(input|output|priority): (.*)$", block, flags=re.M))
+        jobs.append(
+            (
+                rule,
+                int(fields.get("priority", 0)),
+                fields.get("input", "").split(", "),
+                fields.get("output", "").split(", "),
+            )
+        )
+    producer = {path: (rule, prio) for rule, prio, _, outputs in jobs for path in outputs if path}
+    checked = 0
+    for rule, prio, inputs, _ in jobs:
+        for path in inputs:
+            if path in producer:
+                made_by, made_prio = producer[path]
+                assert made_prio >= prio, (
+                    f"{rule} ({prio}) outranks {made_by} ({made_prio}), which makes {path}"
+                )
+                checked += 1
+    assert checked > 20
+    prio = {rule: p for rule, p, _, _ in jobs}
+    assert prio["train_gpt"] > prio["train_pc"] > prio["train_dt"] > prio["evaluate"] == 0
+
+
 @pytest.fixture(scope="module")
 def paper_dry_run() -> str:
     """The README's paper command, dry: the paper config through the SLURM profile."""

@@ -16,6 +16,23 @@ validate(config, schema="../schemas/config.schema.yaml")
 # nothing with Hydra; jobs inherit the directory. An empty TRIFLE_COMPOSE_CACHE turns it off.
 os.environ.setdefault(COMPOSE_CACHE_ENV, os.path.abspath(".snakemake/trifle-compose"))
 
+# Which ready job runs first when there are more than cores: the stage nearer the data, since it unblocks
+# more of the DAG. Without an order Snakemake's choice among ready jobs put the default run's Taxi GPT (the
+# start of its longest chain: GPT, then m-Trifle's evaluation) behind FrozenLake's whole pipeline, 4 of its
+# 10 minutes on 2 cores (docs/workflow.md#measured). Rules not named here (tables, reports) keep 0.
+PRIORITY = {
+    "dataset": 60,
+    "labels": 50,
+    "tokens": 40,
+    "import_gpt": 30,
+    "import_pc": 30,
+    "train_gpt": 30,
+    "train_pc": 20,
+    "train_critic": 20,
+    "train_aux": 20,
+    "train_dt": 10,
+}
+
 _unknown = sorted(set(config["tasks"]) - set(available("task")))
 if _unknown:
     raise ValueError(

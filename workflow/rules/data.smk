@@ -10,6 +10,7 @@ rule dataset:
         cfg=stage_config("data"),
         code=code("data"),
         overrides=cli_overrides("data"),
+    priority: PRIORITY["dataset"]
     threads: 1
     resources:
         # A D4RL download (up to 475 MB) or a behaviour policy's training (SAC: ~20 min per 100k steps).
@@ -33,6 +34,7 @@ rule labels:
         cfg=stage_config("labels"),
         code=code("labels"),
         overrides=cli_overrides("labels"),
+    priority: PRIORITY["labels"]
     threads: 1
     resources:
         mem_mb=4000,
@@ -55,6 +57,7 @@ rule tokens:
         cfg=stage_config("tokens"),
         code=code("tokens"),
         overrides=cli_overrides("tokens"),
+    priority: PRIORITY["tokens"]
     threads: 1
     resources:
         mem_mb=4000,

@@ -15,6 +15,7 @@ rule train_dt:
         cfg=stage_config("train_dt"),
         code=code("train_dt"),
         overrides=cli_overrides("train_dt"),
+    priority: PRIORITY["train_dt"]
     threads: 1
     resources:
         mem_mb=8000,

@@ -23,6 +23,7 @@ rule train_aux:
         overrides=lambda wildcards: " ".join(
             shlex.quote(o) for o in stage_overrides(aux_overrides(wildcards), "train_aux")
         ),
+    priority: PRIORITY["train_aux"]
     threads: 1
     resources:
         mem_mb=8000,

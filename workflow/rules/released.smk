@@ -17,6 +17,7 @@ rule import_gpt:
         code=code("import_gpt"),
         overrides=cli_overrides("import_gpt"),
         directory=lambda wildcards, input: os.path.dirname(input.released[0]),
+    priority: PRIORITY["import_gpt"]
     threads: 1
     resources:
         mem_mb=8000,
@@ -43,6 +44,7 @@ rule import_pc:
         cfg=stage_config("import_pc"),
         code=code("import_pc"),
         overrides=cli_overrides("import_pc"),
+    priority: PRIORITY["import_pc"]
     threads: 1
     resources:
         mem_mb=8000,

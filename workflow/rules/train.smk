@@ -16,6 +16,7 @@ rule train_gpt:
         cfg=stage_config("train_gpt"),
         code=code("train_gpt"),
         overrides=cli_overrides("train_gpt"),
+    priority: PRIORITY["train_gpt"]
     threads: 1
     resources:
         mem_mb=8000,
@@ -43,6 +44,7 @@ rule train_pc:
         cfg=stage_config("train_pc"),
         code=code("train_pc"),
         overrides=cli_overrides("train_pc"),
+    priority: PRIORITY["train_pc"]
     threads: 1
     resources:
         mem_mb=8000,
@@ -70,6 +72,7 @@ rule train_critic:
         cfg=stage_config("train_critic"),
         code=code("train_critic"),
         overrides=cli_overrides("train_critic"),
+    priority: PRIORITY["train_critic"]
     threads: 1
     resources:
         mem_mb=8000,
