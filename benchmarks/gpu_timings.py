@@ -276,11 +276,12 @@ def em_runner(root_ns: Any, backend: str, device: torch.device, pseudocount: flo
     return lambda batches: em_step(circuit, batches, pseudocount=pseudocount)
 
 
-def em_backends(env: str, scale: Scale, device: torch.device) -> list[str]:
+def circuit_backends(env: str, scale: Scale, device: torch.device) -> list[str]:
     """The backend the project picks (pc.backend; ``auto`` = pyjuice on CUDA) first, then the torch one.
 
-    On CUDA both are timed: ``pc.backend=torch`` is the project's fallback (EM on the CPU), and its row
-    still gives a number should pyjuice fail on the GPU machine.
+    On CUDA both are timed: ``pc.backend=torch`` is the project's fallback (EM on the CPU; planning with
+    TorchCircuit on the GPU), and its rows say whether pyjuice is the faster choice for each use, and
+    still give numbers should pyjuice fail on the GPU machine.
     """
     if device.type != "cuda":
         return ["torch"]
@@ -371,7 +372,7 @@ class PlanTiming:
         return self.seconds / max(self.env_steps, 1)
 
 
-def planning_models(env: str, scale: Scale, device: torch.device) -> Any:
+def planning_models(env: str, backend: str, scale: Scale, device: torch.device) -> Any:
     """``mujoco_planning_speed``'s Models, built with this scale's GPT and circuit configs.
 
     Its ``build_models`` always composes the paper configs; composing here lets ``--smoke`` use tiny ones.
@@ -381,19 +382,19 @@ def planning_models(env: str, scale: Scale, device: torch.device) -> Any:
     start = time.perf_counter()
     cfg = compose([f"task={TASKS[env]}", f"gpt={scale.gpt}", f"pc={scale.pc}", *scale.plan_gpt])
     data = make_tokens(cfg, scale.data_steps)
-    backend = resolve_backend(cfg["pc"]["backend"]) if device.type == "cuda" else "torch"
     circuit = make_circuit(cfg, data, scale.em_steps, str(device), backend)
     gpt = make_gpt(cfg, data, str(device))
     return Models(cfg, data, gpt, circuit, backend, time.perf_counter() - start)
 
 
-def time_planning(env: str, scale: Scale, steps: int, device: torch.device) -> list[PlanTiming]:
-    """tt and trifle-s (KV cache, released settings) on real MuJoCo episodes, round-robin per batch."""
+def time_planning(env: str, backend: str, scale: Scale, steps: int, device: torch.device) -> list[PlanTiming]:
+    """tt and trifle-s (KV cache, released settings) on real MuJoCo episodes, round-robin per batch, with
+    the circuit run by ``backend`` on ``device``."""
     from mujoco_planning_speed import Rollout, Variant, make_variant_planner
 
     from trifle.envs.mujoco import VectorMujocoEnv
 
-    models = planning_models(env, scale, device)
+    models = planning_models(env, backend, scale, device)
     print(f"{env}: planning models built in {models.build_seconds:.1f} s ({models.circuit_backend})")
     out = []
     for batch in scale.plan_batches:
@@ -572,11 +573,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parts = (
         (envs, lambda env: [time_gpt(env, scale, scale.gpt_steps, device)], gpt_section),
         (
-            [(env, b) for env in args.envs for b in em_backends(env, scale, device)],
+            [(env, b) for env in args.envs for b in circuit_backends(env, scale, device)],
             lambda env, b: [time_em(env, b, scale, scale.em_batches, device)],
             em_section,
         ),
-        (envs, lambda env: time_planning(env, scale, scale.plan_steps, device), plan_section),
+        (
+            [(env, b) for env in args.envs for b in circuit_backends(env, scale, device)],
+            lambda env, b: time_planning(env, b, scale, scale.plan_steps, device),
+            plan_section,
+        ),
     )
 
     def save() -> None:
