@@ -19,7 +19,8 @@ os.environ.setdefault(COMPOSE_CACHE_ENV, os.path.abspath(".snakemake/trifle-comp
 # Which ready job runs first when there are more than cores: the stage nearer the data, since it unblocks
 # more of the DAG. Without an order Snakemake's choice among ready jobs put the default run's Taxi GPT (the
 # start of its longest chain: GPT, then m-Trifle's evaluation) behind FrozenLake's whole pipeline, 4 of its
-# 10 minutes on 2 cores (docs/workflow.md#measured). Rules not named here (tables, reports) keep 0.
+# 10 minutes on 2 cores (docs/workflow.md#measured-2-core-cpu-default-config). Rules not named here
+# (tables, reports) keep 0.
 PRIORITY = {
     "dataset": 60,
     "labels": 50,
