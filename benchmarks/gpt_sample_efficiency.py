@@ -9,8 +9,9 @@ the root-mean-square error of its greedy action (each action dimension's most li
 previous ones, decoded to the bin's mean, as ``gpt-bc`` acts) against the true action on held-out rows;
 the bins alone cost about 0.01.
 
-Rows: the GPT of ``trifle/conf/gpt/<--gpt>.yaml`` (its optimizer, batch, dropout and masked value
-inputs) as it is, with another width or learning rate, and with bin embeddings that know the bins'
+Rows: the GPT of ``trifle/conf/gpt/<--gpt>.yaml``, trained as the train_gpt stage trains it (model
+config, optimizer groups, warm-up and cosine schedule over the row's steps, loss weights, dropout
+seeding), as it is, with another width or learning rate, and with bin embeddings that know the bins'
 order (started on a line per column, or a learned per-column direction scaled by the bin's rank:
 variants of the embedding only, built here); an MLP (2 x 256, ReLU, Adam 3e-4, batch 64) on the
 observation bins' values as a regressor, as a 100-way classifier per action dimension, and as that
@@ -28,7 +29,6 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 from trifle.config import compose
 from trifle.data.discretize import Discretizer
-from trifle.models.gpt import GPTConfig, TrajectoryGPT
+from trifle.models.gpt import TrajectoryGPT
+from trifle.models.gpt_training import make_optimizer, model_config, train_step
+from trifle.models.training_common import derived_seed, learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 OBS, ACT, BINS = 11, 3, 100
@@ -107,51 +109,35 @@ def ordered_init(model: TrajectoryGPT, columns: int) -> None:
 
 
 def gpt_row(task: Task, gpt: dict, embedding: str, checkpoints: list[int]) -> dict[int, float]:
-    """Train the GPT on single transitions; held-out greedy-action RMSE at each checkpoint step."""
+    """Train the GPT as the train_gpt stage does (its model config, optimizer groups, warm-up and cosine
+    schedule over the row's last checkpoint, loss and dropout seeding) on single transitions; held-out
+    greedy-action RMSE at each checkpoint step."""
     torch.manual_seed(0)
     columns = task.tokens.size(1)
-    cfg = GPTConfig(
-        obs_dim=OBS,
-        act_dim=ACT,
-        vocab_size=BINS,
-        block_size=columns,
-        n_layer=gpt["n_layer"],
-        n_head=gpt["n_head"],
-        n_embd=gpt["n_embd"],
-        dropout=gpt["dropout"],
-        value_inputs=gpt["value_inputs"],
-    )
-    model = TrajectoryGPT(cfg)
+    model = TrajectoryGPT(model_config({**gpt, "seq_transitions": 1}, OBS, ACT, BINS))
     if embedding == "ordered-init":
         ordered_init(model, columns)
     elif embedding == "rank-direction":
         model.tok_emb = RankEmbedding(model.tok_emb, columns, gpt["n_embd"])
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=gpt["learning_rate"],
-        betas=tuple(gpt["betas"]),
-        weight_decay=gpt["weight_decay"],
-    )
+    optimizer = make_optimizer(model, gpt)
     held_out = task.tokens[-HELD_OUT:]
-
-    def score() -> float:
-        model.eval()
-        with torch.no_grad():
-            idx = held_out[:, :OBS].clone()
-            for _ in range(ACT):
-                logits, _ = model(idx)
-                idx = torch.cat([idx, logits[:, -1, :BINS].argmax(-1, keepdim=True)], 1)
-        model.train()
-        return task.rmse(idx[:, OBS:])
-
-    return _train(task, gpt["batch_size"], checkpoints, score, model, opt, gpt["grad_clip"], _gpt_loss(model))
-
-
-def _gpt_loss(model: TrajectoryGPT) -> Callable[[torch.Tensor], torch.Tensor]:
-    def loss(batch: torch.Tensor) -> torch.Tensor:
-        return model.loss(batch[:, :-1], batch[:, 1:], torch.ones(batch.size(0), batch.size(1) - 1))
-
-    return loss
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for step in range(1, max(checkpoints) + 1):
+        rows = task.tokens[torch.randint(0, task.train, (gpt["batch_size"],), generator=gen)]
+        batch = (rows[:, :-1], rows[:, 1:], torch.ones(rows.size(0), columns - 1))
+        lr = learning_rate(gpt, step - 1, max(checkpoints))
+        train_step(model, optimizer, batch, lr, gpt["grad_clip"], derived_seed(0, 2, step - 1))
+        if step in checkpoints:
+            model.eval()
+            with torch.no_grad():
+                idx = held_out[:, :OBS].clone()
+                for _ in range(ACT):
+                    logits, _ = model(idx)
+                    idx = torch.cat([idx, logits[:, -1, :BINS].argmax(-1, keepdim=True)], 1)
+            model.train()
+            out[step] = task.rmse(idx[:, OBS:])
+    return out
 
 
 def mlp_row(task: Task, head: str, inputs: str, checkpoints: list[int]) -> dict[int, float]:
@@ -183,19 +169,12 @@ def mlp_row(task: Task, head: str, inputs: str, checkpoints: list[int]) -> dict[
             return float(((out - actions[-HELD_OUT:]) ** 2).mean().sqrt())
         return task.rmse(out.view(-1, ACT, BINS).argmax(-1))
 
-    return _train(task, 64, checkpoints, score, net, opt, None, loss, rows_only=True)
-
-
-def _train(task, batch, checkpoints, score, model, opt, clip, loss, rows_only=False) -> dict[int, float]:
     gen = torch.Generator().manual_seed(0)
     out = {}
     for step in range(1, max(checkpoints) + 1):
-        rows = torch.randint(0, task.train, (batch,), generator=gen)
-        value = loss(rows if rows_only else task.tokens[rows])
+        value = loss(torch.randint(0, task.train, (64,), generator=gen))
         opt.zero_grad()
         value.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if step in checkpoints:
             out[step] = score()
