@@ -44,6 +44,7 @@ from trifle.models.circuits.training import pyjuice_epoch
 from trifle.models.gpt import TrajectoryGPT
 from trifle.models.gpt_training import make_optimizer, model_config, resolve_config, train_step
 from trifle.models.training_common import batch_indices, derived_seed, learning_rate
+from trifle.planning.methods import method
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = {"hopper": (11, 3), "halfcheetah": (17, 6)}  # (obs_dim, act_dim)
@@ -372,6 +373,14 @@ class PlanTiming:
         return self.seconds / max(self.env_steps, 1)
 
 
+def planned_with(backend: str, backends: Sequence[str]) -> tuple[str, ...]:
+    """The planning methods to time with ``backend``: all of them with the first backend, and only those
+    that query the circuit (the method registry's ``needs``) with the others, whose tt rows would repeat."""
+    if backend == backends[0]:
+        return PLAN_METHODS
+    return tuple(m for m in PLAN_METHODS if "pc" in method(m).needs)
+
+
 def planning_models(env: str, backend: str, scale: Scale, device: torch.device) -> Any:
     """``mujoco_planning_speed``'s Models, built with this scale's GPT and circuit configs.
 
@@ -387,9 +396,11 @@ def planning_models(env: str, backend: str, scale: Scale, device: torch.device) 
     return Models(cfg, data, gpt, circuit, backend, time.perf_counter() - start)
 
 
-def time_planning(env: str, backend: str, scale: Scale, steps: int, device: torch.device) -> list[PlanTiming]:
-    """tt and trifle-s (KV cache, released settings) on real MuJoCo episodes, round-robin per batch, with
-    the circuit run by ``backend`` on ``device``."""
+def time_planning(
+    env: str, backend: str, methods: Sequence[str], scale: Scale, steps: int, device: torch.device
+) -> list[PlanTiming]:
+    """``methods`` (of tt and trifle-s; KV cache, released settings) on real MuJoCo episodes, round-robin
+    per batch, with the circuit run by ``backend`` on ``device``."""
     from mujoco_planning_speed import Rollout, Variant, make_variant_planner
 
     from trifle.envs.mujoco import VectorMujocoEnv
@@ -404,7 +415,7 @@ def time_planning(env: str, backend: str, scale: Scale, steps: int, device: torc
                 make_variant_planner(models, Variant(m, True), str(device)),
                 VectorMujocoEnv(env, batch, seed=0),
             )
-            for m in PLAN_METHODS
+            for m in methods
         ]
         while any(r.wants_more(steps, scale.plan_budget_s) for r in rollouts):
             for r in rollouts:
@@ -579,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         (
             [(env, b) for env in args.envs for b in circuit_backends(env, scale, device)],
-            lambda env, b: time_planning(env, b, scale, scale.plan_steps, device),
+            lambda env, b: time_planning(
+                env, b, planned_with(b, circuit_backends(env, scale, device)), scale, scale.plan_steps, device
+            ),
             plan_section,
         ),
     )
