@@ -298,18 +298,16 @@ class TorchCircuit(torch.nn.Module):
         (EM passes leaf tensors that require grad to read flows off autograd)."""
         p_in = self.input_params if input_params is None else input_params
         leaf = torch.bmm(ev.transpose(0, 1), p_in.transpose(1, 2)).log()  # [V, B, Lmax]
-        return self._upward(leaf, sum_params)
+        return self._upward(leaf.unbind(0), sum_params)
 
-    def _upward(self, leaf: torch.Tensor | Sequence[torch.Tensor], sum_params=None) -> torch.Tensor:
-        """log Z per sample [B] from the leaves' log-values: ``leaf`` [V, B, Lmax], or one [B, Lmax] tensor
-        per variable.
+    def _upward(self, per_var: Sequence[torch.Tensor], sum_params=None) -> torch.Tensor:
+        """log Z per sample [B] from the leaves' log-values, one [B, Lmax] tensor per variable.
 
-        The per-variable views come from one ``unbind``, whose backward is a single stack; indexing
+        Callers pass ``leaf.unbind(0)`` of a [V, B, Lmax] tensor, whose backward is a single stack; indexing
         ``leaf[v]`` once per input node block instead made autograd write a zero-filled [V, B, Lmax]
         gradient per block (half of an EM step's backward on Taxi's 49-variable window).
         """
         p_sum = self.sum_params() if sum_params is None else sum_params
-        per_var = leaf.unbind(0) if isinstance(leaf, torch.Tensor) else leaf
         vals: dict[int, torch.Tensor] = {}
         for i, v, off, n in self.plan.input_ops:
             vals[i] = per_var[v][:, off : off + n]
