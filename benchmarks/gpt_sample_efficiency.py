@@ -1,10 +1,14 @@
-"""How many optimizer steps the trajectory GPT needs to clone a smooth behaviour, against an MLP.
+"""How many optimizer steps the trajectory GPT needs to clone a known behaviour, against an MLP.
 
 Behaviour cloning of Hopper showed the small GPT far below an MLP trained on the same data
 (docs/mujoco.md#gpt-sample-efficiency). This check takes the data out of the question: a synthetic task
-whose behaviour is exactly known and smooth (11-d standard Gaussian observations, actions
-``tanh(W s)`` with a fixed random ``W`` of 3 x 11, entries N(0, 1.5^2 / 11)), every column cut into
-100 quantile bins by the project's ``Discretizer``, single-transition windows. Each model is scored by
+whose behaviour is exactly known, 11-d standard Gaussian observations and 3-d actions, every column cut
+into 100 quantile bins by the project's ``Discretizer``, single-transition windows. Two behaviours
+(``--behaviour``): ``linear``, ``tanh(W s)`` with a fixed random ``W`` of 3 x 11, entries
+N(0, 1.5^2 / 11), a single direction per action that attention can read off as a weighted sum of the
+observation tokens; and ``mlp``, ``tanh(W2 relu(W1 s + b))`` with 256 hidden units (``W1`` entries
+N(0, 4 / 11), ``b`` N(0, 1/4), ``W2`` N(0, 4 / 256), hidden units centred), whose actions depend on
+interactions between observation dimensions, as a trained agent's do. Each model is scored by
 the root-mean-square error of its greedy action (each action dimension's most likely bin given the
 previous ones, decoded to the bin's mean, as ``gpt-bc`` acts) against the true action on held-out rows;
 the bins alone cost about 0.01.
@@ -17,10 +21,12 @@ variants of the embedding only, built here); an MLP (2 x 256, ReLU, Adam 3e-4, b
 observation bins' values as a regressor, as a 100-way classifier per action dimension, and as that
 classifier on one-hot bins. One seed, one torch thread.
 
-    .venv/bin/python benchmarks/gpt_sample_efficiency.py            # about 12 minutes on one core
-    .venv/bin/python benchmarks/gpt_sample_efficiency.py --quick    # a few steps per row (a smoke run)
+    .venv/bin/python benchmarks/gpt_sample_efficiency.py                  # about 12 minutes on one core
+    .venv/bin/python benchmarks/gpt_sample_efficiency.py --behaviour mlp  # about 20 minutes
+    .venv/bin/python benchmarks/gpt_sample_efficiency.py --quick          # a few steps per row (a smoke run)
 
-Writes ``docs/benchmarks/gpt_sample_efficiency.md`` and ``.json`` (``--out`` to change).
+Writes ``docs/benchmarks/gpt_sample_efficiency.md`` and ``.json`` (``_mlp`` before the suffix for the
+``mlp`` behaviour; ``--out`` to change).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from trifle.models.training_common import derived_seed, learning_rate
 REPO = Path(__file__).resolve().parents[1]
 OBS, ACT, BINS = 11, 3, 100
 ROWS, HELD_OUT = 100_000, 4000
+HIDDEN = 256  # the mlp behaviour's hidden units
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,21 @@ class Task:
         return float(np.sqrt(((decoded - self.actions[-HELD_OUT:]) ** 2).mean()))
 
 
-def make_task(seed: int = 0) -> Task:
+def make_task(seed: int = 0, behaviour: str = "linear") -> Task:
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(ACT, OBS)) / np.sqrt(OBS) * 1.5
-    obs = rng.normal(size=(ROWS, OBS))
-    act = np.tanh(obs @ w.T)
+    if behaviour == "linear":
+        w = rng.normal(size=(ACT, OBS)) / np.sqrt(OBS) * 1.5
+        obs = rng.normal(size=(ROWS, OBS))
+        act = np.tanh(obs @ w.T)
+    elif behaviour == "mlp":
+        w1 = rng.normal(size=(HIDDEN, OBS)) / np.sqrt(OBS) * 2.0
+        b1 = rng.normal(size=HIDDEN) * 0.5
+        w2 = rng.normal(size=(ACT, HIDDEN)) / np.sqrt(HIDDEN) * 2.0
+        obs = rng.normal(size=(ROWS, OBS))
+        hidden = np.maximum(obs @ w1.T + b1, 0.0)
+        act = np.tanh((hidden - hidden.mean(0)) @ w2.T)
+    else:
+        raise ValueError(f"--behaviour: expected 'linear' or 'mlp', got {behaviour!r}")
     reward = obs.sum(1, keepdims=True) / np.sqrt(OBS)
     data = np.concatenate([obs, act, reward, np.zeros((ROWS, 1))], 1)
     names = [f"o{i}" for i in range(OBS)] + [f"a{i}" for i in range(ACT)] + ["r", "v"]
@@ -181,18 +198,12 @@ def mlp_row(task: Task, head: str, inputs: str, checkpoints: list[int]) -> dict[
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpt", default="small", help="gpt config group (trifle/conf/gpt)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per row (a smoke run)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "gpt_sample_efficiency.md")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    checkpoints = [2, 4] if args.quick else [500, 1000, 2000, 3000]
-    long_checkpoints = [2, 4, 6] if args.quick else [500, 1000, 2000, 3000, 6000]
-    gpt = compose([f"gpt={args.gpt}"])["gpt"]
-    task = make_task()
-    rows = [
+def linear_rows(task: Task, gpt: dict, name: str, quick: bool) -> list:
+    """The linear behaviour's rows: the MLP heads and inputs, and the GPT's learning rate, width and
+    embedding variants."""
+    checkpoints = [2, 4] if quick else [500, 1000, 2000, 3000]
+    long_checkpoints = [2, 4, 6] if quick else [500, 1000, 2000, 3000, 6000]
+    return [
         (
             "MLP on the observation bins' values, regression",
             lambda: mlp_row(task, "regression", "values", checkpoints),
@@ -206,7 +217,7 @@ def main() -> None:
             lambda: mlp_row(task, "classes", "one-hot", checkpoints),
         ),
         (
-            f"GPT ({args.gpt}: {gpt['n_embd']}-d, lr {gpt['learning_rate']:g})",
+            f"GPT ({name}: {gpt['n_embd']}-d, lr {gpt['learning_rate']:g})",
             lambda: gpt_row(task, gpt, "learned", checkpoints),
         ),
         (
@@ -225,6 +236,56 @@ def main() -> None:
             lambda: gpt_row(task, gpt, "rank-direction", checkpoints),
         ),
     ]
+
+
+def mlp_behaviour_rows(task: Task, gpt: dict, name: str, quick: bool) -> list:
+    """The nonlinear behaviour's rows: the two MLP heads against the GPT as configured (trained as long as
+    the next row takes), with the paper's architecture (same optimizer and batch), and with the rank
+    embedding."""
+    checkpoints = [2, 4] if quick else [1000, 3000, 6000]
+    # As many steps of the configured GPT as the paper architecture's 6000 take time (3.4x per step here).
+    long_checkpoints = [2, 4, 6] if quick else [1000, 3000, 6000, 10000, 20000]
+    paper = compose(["gpt=paper"])["gpt"]
+    arch = {k: paper[k] for k in ("n_layer", "n_head", "n_embd")}
+    return [
+        (
+            "MLP on the observation bins' values, regression",
+            lambda: mlp_row(task, "regression", "values", checkpoints),
+        ),
+        (
+            "same MLP, 100-way classifier per action dimension, argmax",
+            lambda: mlp_row(task, "classes", "values", checkpoints),
+        ),
+        (
+            f"GPT ({name}: {gpt['n_layer']} layers, {gpt['n_head']} heads, {gpt['n_embd']}-d)",
+            lambda: gpt_row(task, gpt, "learned", long_checkpoints),
+        ),
+        (
+            f"GPT, the paper's architecture ({arch['n_layer']} layers, {arch['n_head']} heads, "
+            f"{arch['n_embd']}-d)",
+            lambda: gpt_row(task, {**gpt, **arch}, "learned", checkpoints),
+        ),
+        (
+            "GPT, learned direction scaled by the bin's rank",
+            lambda: gpt_row(task, gpt, "rank-direction", checkpoints),
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpt", default="small", help="gpt config group (trifle/conf/gpt)")
+    parser.add_argument("--behaviour", choices=["linear", "mlp"], default="linear")
+    parser.add_argument("--quick", action="store_true", help="a few steps per row (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="report path (default: docs/benchmarks/)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    suffix = "" if args.behaviour == "linear" else f"_{args.behaviour}"
+    out = args.out or REPO / "docs" / "benchmarks" / f"gpt_sample_efficiency{suffix}.md"
+    gpt = compose([f"gpt={args.gpt}"])["gpt"]
+    task = make_task(behaviour=args.behaviour)
+    make_rows = linear_rows if args.behaviour == "linear" else mlp_behaviour_rows
+    rows = make_rows(task, gpt, args.gpt, args.quick)
     began = time.perf_counter()
     results = []
     for name, run in rows:
@@ -234,12 +295,14 @@ def main() -> None:
         print(f"{name}: {scores} ({results[-1]['seconds']:.0f} s)", flush=True)
     steps = sorted({s for r in results for s in r["rmse"]})
     lines = [
-        "# GPT sample efficiency on a smooth synthetic behaviour (benchmarks/gpt_sample_efficiency.py)",
+        f"# GPT sample efficiency on the synthetic {args.behaviour} behaviour "
+        "(benchmarks/gpt_sample_efficiency.py)",
         "",
         f"Machine: {platform.machine()}, torch {torch.__version__}, 1 torch thread. "
         f"Total {time.perf_counter() - began:.0f} s. Task and scoring: the script's docstring. Cells: "
-        "held-out RMSE of the greedy action (action std about 0.65; the bins alone cost about 0.01) after "
-        "that many optimizer steps of batch 64.",
+        f"held-out RMSE of the greedy action (action std {task.actions.std():.2f}; the true action bins "
+        f"alone score {task.rmse(task.tokens[-HELD_OUT:, OBS : OBS + ACT]):.3f}) after that many optimizer "
+        "steps of batch 64.",
         "",
         "| model | " + " | ".join(f"{s} steps" for s in steps) + " | seconds |",
         "|---|" + "---|" * (len(steps) + 1),
@@ -247,8 +310,9 @@ def main() -> None:
     for r in results:
         cells = [f"{r['rmse'][s]:.3f}" if s in r["rmse"] else "—" for s in steps]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
-    args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"gpt": args.gpt, "rows": results}, indent=1) + "\n")
+    out.write_text("\n".join(lines) + "\n")
+    report = {"gpt": args.gpt, "behaviour": args.behaviour, "rows": results}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(lines))
 
 

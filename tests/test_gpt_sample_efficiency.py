@@ -24,9 +24,10 @@ def _module():
     return module
 
 
-def test_the_score_is_the_bins_error_for_true_bins_and_the_spread_for_a_constant():
+@pytest.mark.parametrize("behaviour", ["linear", "mlp"])
+def test_the_score_is_the_bins_error_for_true_bins_and_the_spread_for_a_constant(behaviour):
     bench = _module()
-    task = bench.make_task()
+    task = bench.make_task(behaviour=behaviour)
     acts = slice(bench.OBS, bench.OBS + bench.ACT)
     true_bins = task.tokens[-bench.HELD_OUT :, acts]
     assert task.rmse(true_bins) < 0.02  # 100 quantile bins of a tanh output: only rounding is left
@@ -47,18 +48,34 @@ def test_rank_embedding_adds_the_rank_along_one_direction_per_column():
     torch.testing.assert_close(diff[3], torch.zeros(4))  # the padding token has no rank
 
 
-@pytest.mark.slow  # a subprocess building the task and eight models for a few steps: ~20-40 s
-def test_quick_run_writes_every_row(tmp_path):
+def test_the_mlp_behaviour_needs_more_than_one_direction_per_action():
+    """A linear read-out of the observations (what attention's weighted sums give for free) explains the
+    linear behaviour's pre-tanh actions and must leave a sizeable part of the mlp behaviour's unexplained
+    (16-30% here), or the mlp task would test nothing the linear one does not."""
+    bench = _module()
+    for behaviour, most in (("linear", 0.95), ("mlp", 0.9)):
+        task = bench.make_task(behaviour=behaviour)
+        obs = task.disc.decode(task.tokens.numpy())[:, : bench.OBS]
+        x = np.c_[obs, np.ones(len(obs))]
+        target = np.arctanh(np.clip(task.actions, -0.999, 0.999))
+        coef, *_ = np.linalg.lstsq(x, target, rcond=None)
+        explained = 1 - ((x @ coef - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+        assert (explained > most).all() if behaviour == "linear" else (explained < most).all(), explained
+
+
+@pytest.mark.slow  # a subprocess building the task and the models for a few steps: ~20-40 s each
+@pytest.mark.parametrize(("behaviour", "count"), [("linear", 8), ("mlp", 5)])
+def test_quick_run_writes_every_row(tmp_path, behaviour, count):
     out = tmp_path / "gse.md"
     subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--behaviour", behaviour, "--out", str(out)],
         check=True,
         cwd=REPO,
         capture_output=True,
         timeout=600,
     )
     report = json.loads(out.with_suffix(".json").read_text())
-    assert len(report["rows"]) == 8
+    assert report["behaviour"] == behaviour and len(report["rows"]) == count
     for row in report["rows"]:
         assert row["rmse"] and all(np.isfinite(v) and v > 0 for v in row["rmse"].values()), row
-    assert out.read_text().count("\n| ") == 8 + 1  # header and one line per row
+    assert out.read_text().count("\n| ") == count + 1  # header and one line per row
