@@ -198,11 +198,8 @@ def mlp_row(task: Task, head: str, inputs: str, checkpoints: list[int]) -> dict[
     return out
 
 
-def linear_rows(task: Task, gpt: dict, name: str, quick: bool) -> list:
-    """The linear behaviour's rows: the MLP heads and inputs, and the GPT's learning rate, width and
-    embedding variants."""
-    checkpoints = [2, 4] if quick else [500, 1000, 2000, 3000]
-    long_checkpoints = [2, 4, 6] if quick else [500, 1000, 2000, 3000, 6000]
+def mlp_head_rows(task: Task, checkpoints: list[int]) -> list:
+    """The rows both behaviours share: the MLP on the observation bins' values, regressor and classifier."""
     return [
         (
             "MLP on the observation bins' values, regression",
@@ -212,6 +209,16 @@ def linear_rows(task: Task, gpt: dict, name: str, quick: bool) -> list:
             "same MLP, 100-way classifier per action dimension, argmax",
             lambda: mlp_row(task, "classes", "values", checkpoints),
         ),
+    ]
+
+
+def linear_rows(task: Task, gpt: dict, name: str, quick: bool) -> list:
+    """The linear behaviour's rows: the MLP heads and inputs, and the GPT's learning rate, width and
+    embedding variants."""
+    checkpoints = [2, 4] if quick else [500, 1000, 2000, 3000]
+    long_checkpoints = [2, 4, 6] if quick else [500, 1000, 2000, 3000, 6000]
+    return [
+        *mlp_head_rows(task, checkpoints),
         (
             "same classifier on one-hot observation bins",
             lambda: mlp_row(task, "classes", "one-hot", checkpoints),
@@ -248,14 +255,7 @@ def mlp_behaviour_rows(task: Task, gpt: dict, name: str, quick: bool) -> list:
     paper = compose(["gpt=paper"])["gpt"]
     arch = {k: paper[k] for k in ("n_layer", "n_head", "n_embd")}
     return [
-        (
-            "MLP on the observation bins' values, regression",
-            lambda: mlp_row(task, "regression", "values", checkpoints),
-        ),
-        (
-            "same MLP, 100-way classifier per action dimension, argmax",
-            lambda: mlp_row(task, "classes", "values", checkpoints),
-        ),
+        *mlp_head_rows(task, checkpoints),
         (
             f"GPT ({name}: {gpt['n_layer']} layers, {gpt['n_head']} heads, {gpt['n_embd']}-d)",
             lambda: gpt_row(task, gpt, "learned", long_checkpoints),
