@@ -85,10 +85,11 @@ def test_quick_run_writes_every_row(tmp_path, behaviour, count):
 
 
 def _mujoco_cpu_gpt() -> dict:
-    """The GPT settings the CPU MuJoCo configuration trains with: its gpt group and its gpt.* overrides."""
+    """The GPT settings the CPU MuJoCo configuration trains with, composed from its first task, group
+    choices and overrides as the workflow composes a job's config."""
     config = yaml.safe_load((REPO / "workflow" / "config" / "mujoco_cpu.yaml").read_text())
-    overrides = [o for o in config["overrides"] if o.startswith("gpt.")]
-    return compose([f"gpt={config['groups']['gpt']}", *overrides])["gpt"]
+    groups = [f"{group}={name}" for group, name in sorted(config["groups"].items())]
+    return compose([f"task={config['tasks'][0]}", *groups, *config["overrides"]])["gpt"]
 
 
 @pytest.mark.slow  # three trainings of 1000 steps on one thread: about 2 minutes
