@@ -108,6 +108,32 @@ def test_first_dimension_anticipates_the_constraint_on_the_second(circuit, joint
     assert not torch.allclose(plain[0] / plain[0].sum(), scores[0] / scores[0].sum(), atol=1e-3)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_without_lookahead_the_scores_are_the_constrained_value_only(circuit, joint, one_pass):
+    """``lookahead=False`` (trifle-s-safe's default): a^0 = c scores p(V in kept | s, a^0 = c, a^1 allowed),
+    the GPT's prior left as it is; the constraint still changes the scores through the value."""
+    allx, p = joint
+    soft = constraint_evidence(LAYOUT, {k: torch.as_tensor(v) for k, v in ALLOWED.items()})
+    x, missing = _evidence([0, 1], [None, None])
+    keep = kept_bins(value_distribution(circuit, x, missing, V, 3, soft), 0.4, "strict")
+    scores, _ = candidate_scores(
+        circuit, x, missing, A0, 3, V, keep, soft, lookahead=False, one_pass=one_pass
+    )
+    with_lookahead, _ = candidate_scores(circuit, x, missing, A0, 3, V, keep, soft, one_pass=one_pass)
+    plain, _ = candidate_scores(circuit, x, missing, A0, 3, V, keep, one_pass=one_pass)
+    for b, s in enumerate([0, 1]):
+        kept = {j for j in range(3) if keep[b, j]}
+        want = torch.stack([_mass(allx, p, s=s, a0=c, a1={0, 2}, v=kept) for c in range(3)])
+        want = want / torch.stack([_mass(allx, p, s=s, a0=c, a1={0, 2}) for c in range(3)])
+        torch.testing.assert_close(scores[b], want, atol=1e-9, rtol=0)  # probabilities, not just ratios
+    assert not torch.allclose(
+        scores / scores.sum(1, keepdim=True), plain / plain.sum(1, keepdim=True), atol=1e-3
+    )
+    assert not torch.allclose(
+        scores / scores.sum(1, keepdim=True), with_lookahead / with_lookahead.sum(1, keepdim=True), atol=1e-3
+    )
+
+
 def test_constrained_dimension_gets_zero_on_disallowed_bins(circuit, joint):
     allx, p = joint
     soft = constraint_evidence(LAYOUT, {k: torch.as_tensor(v) for k, v in ALLOWED.items()})

@@ -330,6 +330,18 @@ def test_constrained_planners_never_execute_a_disallowed_action(models, method):
         assert set(safe[:, 0]) <= {0.0, 1.0}
 
 
+def test_the_constraint_lookahead_setting_reaches_the_proposal(models):
+    """trifle-s-safe's proposal scores without the circuit's p(C | s, a^{<=i}) unless asked for it
+    (tests/test_constraint_queries.py checks both scores against enumeration)."""
+    constraint = [{"dim": 1, "high": 0.0}]
+    obs = torch.zeros(2, OBS, dtype=torch.long)
+    for lookahead in (False, True):
+        planner = _planner(models, "trifle-s", constraint, constrained=True, constraint_lookahead=lookahead)
+        proposal, _ = planner._hooks(obs)
+        assert proposal.soft is not None and proposal.constraint_lookahead is lookahead
+    assert _planner(models, "trifle-s", constraint, constrained=True).settings.constraint_lookahead is False
+
+
 def test_a_constraint_no_bin_can_satisfy_fails_before_planning(models):
     with pytest.raises(ConfigError, match="no bin of action dimension 1"):
         _planner(models, "tt", [{"dim": 1, "low": 1.5}], constrained=True)
@@ -404,6 +416,9 @@ def test_build_planner_from_checkpoints_plans(files):
         # A plan may outgrow the block (TT crops it), but the prefix must fit: 5 * 5 + 1 + 1 > 25 tokens.
         (_cfg("tt", max_context_transitions=5), {}, ConfigError, "block_size"),
         (_cfg("tt", constrained=True), {}, ConfigError, "task.action_constraint"),
+        (_cfg("trifle-s", constraint_lookahead=True), {}, ConfigError, "planner.constraint_lookahead"),
+        (_cfg("trifle-s", constraint_lookahead="yes"), {}, ConfigError, "planner.constraint_lookahead"),
+        (_cfg("tt", constraint_lookahead=False), {}, ConfigError, "planner.constraint_lookahead"),
         (_cfg("tt", name=""), {}, ConfigError, "planner.name"),
         (_cfg("trifle-m", horizon=3), {"window": 2}, ConfigError, "task.pc_window"),
         (_cfg("trifle-s"), {"circuit": False}, ConfigError, "circuit"),

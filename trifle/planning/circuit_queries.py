@@ -308,13 +308,14 @@ def candidate_scores(
     soft: torch.Tensor | None = None,
     *,
     one_pass: bool = True,
+    lookahead: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For every candidate c < num_candidates of variable ``var``: p(target in kept | evidence, var = c).
 
     ``target`` is a :class:`CorrectionTarget`, or an int: the value variable (the ``value`` target over
     ``keep.size(-1)`` bins). ``soft`` is shared soft evidence ``[V, C]`` (an action constraint, see
     :func:`constraint_evidence`); with it the scores are p(target in kept | evidence, var = c, constraint)
-    times :func:`constraint_likelihood`, i.e. proportional (over c) to
+    and, if ``lookahead``, times :func:`constraint_likelihood`, i.e. proportional (over c) to
     p(target in kept, constraint | evidence, var = c).
 
     Two paths give the same scores (tests/test_one_pass_scores.py). If the circuit has
@@ -332,7 +333,7 @@ def candidate_scores(
         scores, dists = one_pass_scores(circuit, x, missing, var, num_candidates, target, keep, soft), None
     else:
         scores, dists = _per_candidate_scores(circuit, x, missing, var, num_candidates, target, keep, soft)
-    if soft is not None:
+    if soft is not None and lookahead:
         scores = scores * constraint_likelihood(circuit, x, missing, var, num_candidates, soft)
     return scores, dists
 

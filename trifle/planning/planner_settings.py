@@ -59,7 +59,11 @@ DEFAULTED_KEYS = {"terminal_value": TERMINAL_VALUES[0], "q_filter": False}
 #: (``top_ratio`` under ``value_threshold``); a number q in (0, 1) = a fixed threshold, the levels at or
 #: above the q-quantile of the circuit's marginal p(G), the same in every state (Table 7(b)'s
 #: comparison; circuit_queries.fixed_kept_levels).
-TRIFLE_DEFAULTED_KEYS = {"fixed_threshold": None}
+#: ``constraint_lookahead`` (optional for the Trifle methods, default false; constrained planners only):
+#: also weight each candidate by the circuit's p(C | s, a^{<=i}) / p(C | s, a^{<i}), so that the proposal's
+#: prior is the circuit's estimate of p(a^i | s, a^{<i}, C) rather than the GPT's p(a^i | s, a^{<i})
+#: (docs/planning.md#action-constraints; it needs a circuit that predicts the constraint well).
+TRIFLE_DEFAULTED_KEYS = {"fixed_threshold": None, "constraint_lookahead": False}
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class PlannerSettings:
     terminal_value: str = TERMINAL_VALUES[0]
     fixed_threshold: float | None = None
     q_filter: bool = False
+    constraint_lookahead: bool = False
 
     @property
     def needs_tabular_q(self) -> bool:
@@ -198,6 +203,14 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
             f"planner.q_filter=true: the Q filter reshapes TT's first action distribution, a slot method "
             f"{method!r} fills with the circuit's correction; expected method tt"
         )
+    lookahead = cfg.get("constraint_lookahead", False)
+    if not isinstance(lookahead, bool):
+        raise ConfigError(f"planner.constraint_lookahead: expected true or false, got {lookahead!r}")
+    if lookahead and not cfg["constrained"]:
+        raise ConfigError(
+            "planner.constraint_lookahead=true: only a constrained planner (planner.constrained=true) has a "
+            "constraint to look ahead to; expected false"
+        )
     fixed = cfg.get("fixed_threshold")
     if fixed is not None:
         fixed = _fraction(cfg, "fixed_threshold", closed_top=False)
@@ -221,6 +234,7 @@ def validate_config(cfg: Mapping[str, Any]) -> PlannerSettings:
         terminal_value=terminal_value,
         fixed_threshold=fixed,
         q_filter=q_filter,
+        constraint_lookahead=lookahead,
     )
 
 

@@ -82,9 +82,11 @@ class CircuitProposal:
     one-pass scores (circuit_queries.one_pass_scores) one query over the chosen rows, asked for lazily.
 
     Under an action constraint C (``soft``: the allowed bins as evidence, circuit_queries.constraint_evidence)
-    every query also conditions on C, and each candidate's score is p(V in kept, C | s_t, a^{<i}, a^i = c)
-    up to a factor that does not depend on c: the first dimensions are then chosen knowing the constraint
-    on later ones, which an autoregressive model cannot do (paper §6.3).
+    every query also conditions on C, so a candidate scores p(V in kept | s_t, a^{<i}, a^i = c, C): the
+    first dimensions are chosen knowing what the constraint on later ones does to the value, which an
+    autoregressive model cannot do (paper §6.3). With ``constraint_lookahead`` the score is
+    p(V in kept, C | s_t, a^{<i}, a^i = c) up to a factor that does not depend on c: the GPT's prior is
+    also reweighted by how likely each candidate makes C, by the circuit's estimate.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class CircuitProposal:
         value_threshold: str = VALUE_THRESHOLDS[0],
         fixed_threshold: float | None = None,
         fixed_keep: torch.Tensor | None = None,
+        constraint_lookahead: bool = False,
     ):
         """``target``: what is thresholded (a CorrectionTarget), or an int, the number of value bins
         (the ``value`` target, V_t of the window's first transition). ``fixed_threshold``: None for the
@@ -109,7 +112,7 @@ class CircuitProposal:
         if not isinstance(target, CorrectionTarget):
             target = CorrectionTarget.value(layout.value_var(0), int(target))
         self.target = target
-        self.soft = soft
+        self.soft, self.constraint_lookahead = soft, constraint_lookahead
 
     def begin(self, env_of_row: torch.Tensor) -> None:
         self.x, self.missing = self.layout.evidence(self.obs[env_of_row])
@@ -139,7 +142,15 @@ class CircuitProposal:
             keep = self.fixed_keep().expand(self.x.size(0), -1)
         var = self.layout.act_var(0, dim)
         scores, self.dists = candidate_scores(
-            self.circuit, self.x, self.missing, var, logp.size(1), self.target, keep, self.soft
+            self.circuit,
+            self.x,
+            self.missing,
+            var,
+            logp.size(1),
+            self.target,
+            keep,
+            self.soft,
+            lookahead=self.constraint_lookahead,
         )
         corrected = logp.double() + scores.log()
         # A row where every GPT-supported candidate has zero circuit score keeps the GPT's proposal.
@@ -362,6 +373,7 @@ class BeamPlanner:
             settings.value_threshold,
             settings.fixed_threshold,
             fixed_keep=self.fixed_keep,
+            constraint_lookahead=settings.constraint_lookahead,
         )
         if settings.fixed_threshold is not None and self.fixed_keep is None:
             self.fixed_keep = (
