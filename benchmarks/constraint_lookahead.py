@@ -82,16 +82,17 @@ def gpt_constraint(model, tokens: torch.Tensor, obs_dim: int, dim: int, allowed:
     p_GPT(C | s, a^{<dim-1}) [B], the proposal p_GPT(a^{dim-1} | s, a^{<dim-1}) [B, num_prev] and its
     exact constrained version p_GPT(a^{dim-1} | s, a^{<dim-1}, C) [B, num_prev] (one forward per
     candidate)."""
-    n_allowed = len(allowed)
-    logits, _ = model(tokens[:, : obs_dim + dim])
-    p_c = (torch.softmax(logits[:, -1, :n_allowed].double(), -1) * allowed).sum(-1)
-    prior = torch.softmax(logits[:, -2, :num_prev].double(), -1)
-    factor = torch.zeros_like(prior)
+    n_allowed, prior = len(allowed), None
+    factor = torch.zeros(len(tokens), num_prev, dtype=torch.float64)
     for c in range(num_prev):
         prefix = tokens[:, : obs_dim + dim].clone()
         prefix[:, obs_dim + dim - 1] = c
         out, _ = model(prefix)
         factor[:, c] = (torch.softmax(out[:, -1, :n_allowed].double(), -1) * allowed).sum(-1)
+        if prior is None:  # the head before a^{dim-1} does not see it (causal): any candidate's pass gives it
+            prior = torch.softmax(out[:, -2, :num_prev].double(), -1)
+    # The row's own a^{dim-1} is one of the candidates: its factor is p_GPT(C | s, a^{<dim}).
+    p_c = factor.gather(1, tokens[:, obs_dim + dim - 1 : obs_dim + dim].long())[:, 0]
     joint = prior * factor
     before = joint.sum(-1)
     return p_c.numpy(), before.numpy(), prior.numpy(), (joint / before[:, None]).numpy()
@@ -154,7 +155,7 @@ def measure(args) -> dict:
     for path in args.pc:
         circuit = load_circuit(path, backend="torch", device="cpu")
         c_c, factor = circuit_constraint(circuit, data, tokens, dim, allowed)
-        reweighted = prior * factor[:, :num_prev]
+        reweighted = prior * factor
         reweighted = reweighted / np.clip(reweighted.sum(-1, keepdims=True), 1e-300, None)
         tv = total_variation(reweighted, exact)
         out["circuits"].append(
